@@ -1,0 +1,9 @@
+"""One exception type for user-facing problems: the CLI prints its message as one line and exits 2."""
+
+
+class TrlVideoError(Exception):
+    """A problem with the user's input (recipe, files, plugins, data). The message names the culprit."""
+
+
+class PluginError(TrlVideoError):
+    """A plugin failed to load, registered a duplicate name, or a named component is missing."""

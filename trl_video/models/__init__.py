@@ -1,0 +1,1 @@
+"""Model side: noise schedules, the policy adapter over diffusers video models, presets."""
