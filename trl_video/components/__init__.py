@@ -1,0 +1,1 @@
+"""Built-in components for the five hook points: samplers, estimators, losses, rewards, replay."""

@@ -1,0 +1,1 @@
+"""Built-in reference methods (third-party methods live in plugins/)."""

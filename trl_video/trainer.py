@@ -1,0 +1,466 @@
+"""``VideoRewardTrainer``: one generic RL / reward fine-tuning loop over the five hook points.
+
+One step (see docs/architecture.md):
+    prompts -> sampler -> reward -> estimator -> replay -> loss.phases(step): for each phase, for each repeat,
+    for each micro-batch: loss.compute -> backward; then all-reduce grads across processes, clip, step
+    that phase's optimiser groups -> EMA -> log -> checkpoint.
+There is no method-specific branch here: methods express themselves through components, phases and the
+auxiliary ``Trainable`` modules their loss returns from ``setup``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .components.base import Phase, Trainable, TrainContext
+from .config import VideoRewardConfig
+from .errors import TrlVideoError
+from .plugins import Registry, get_registry
+from .rollouts import Rollouts
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def find_checkpoints(output_dir: str | Path) -> list[Path]:
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    cks = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+           and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").exists()]
+    return sorted(cks, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+class VideoRewardTrainer:
+    """Reward fine-tuning / RL trainer for video diffusion and flow-matching models.
+
+    Args:
+        config: the training configuration.
+        policy: an already loaded :class:`~trl_video.models.policy.VideoPolicy` (default: load ``config.model``).
+        registry: component registry (default: installed plugins).
+        callbacks: ``transformers.TrainerCallback`` instances (``on_train_begin``, ``on_step_end``, ``on_log``,
+            ``on_save``, ``on_train_end``); setting ``control.should_training_stop`` stops training.
+        recipe: the raw recipe mapping (written into checkpoints and the model card).
+    """
+
+    def __init__(self, config: VideoRewardConfig, policy: Any = None, registry: Registry | None = None,
+                 callbacks: list[Any] | None = None, recipe: dict[str, Any] | None = None, resume: bool = False):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from .plan import build_reward, resolve_plan
+
+        self.config = config
+        self.recipe = recipe if recipe is not None else config.to_dict()
+        self.registry = registry or get_registry()
+        self.plan = resolve_plan(config, self.registry)
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        self.output_dir = Path(config.output_dir)
+        existing = find_checkpoints(self.output_dir)
+        if existing and not resume:
+            raise TrlVideoError(f"output dir '{self.output_dir}' already holds {existing[-1].name}: pass --resume to "
+                                f"continue it, or choose another --output-dir (nothing was changed)")
+        self.resume_from = existing[-1] if (resume and existing) else None
+        set_seed(config.seed)
+
+        # ---- model
+        if policy is None:
+            from .models.policy import load_policy
+
+            policy = load_policy(config.model, num_frames=config.num_frames, height=config.height, width=config.width)
+        self.policy = policy.to(self.accelerator.device)
+        torch.manual_seed(config.seed)
+        if config.use_lora:
+            if not self.policy.uses_lora:
+                self.policy.add_lora(config.lora_rank, config.lora_alpha, list(config.lora_target_modules))
+        else:
+            self.policy.transformer.requires_grad_(True)
+            self.policy.freeze_reference()
+        if config.gradient_checkpointing and hasattr(self.policy.transformer, "enable_gradient_checkpointing"):
+            self.policy.transformer.enable_gradient_checkpointing()
+
+        # ---- components
+        comps = self.plan.components
+        self.reward = build_reward(self.registry, *comps["reward"])
+        self.sampler = self.registry.create("sampler", comps["sampler"][0], **comps["sampler"][1])
+        self.estimator = self.registry.create("estimator", comps["estimator"][0], **comps["estimator"][1])
+        self.replay = self.registry.create("replay", comps["replay"][0], **comps["replay"][1])
+        self.loss = self.registry.create("loss", comps["loss"][0], **comps["loss"][1])
+        rank = self.accelerator.process_index
+        self.ctx = TrainContext(policy=self.policy, config=config, accelerator=self.accelerator, reward=self.reward,
+                                method_config=self.plan.method_config,
+                                generator=torch.Generator().manual_seed(config.seed * 1000 + 12345 + rank),
+                                registry=self.registry)
+        if config.offline_latents:
+            from .data import OfflineLatents
+
+            self.ctx.offline = OfflineLatents(config.offline_latents, self.policy.latent_shape, seed=config.seed)
+        needs_rollouts = getattr(self.replay, "needs_rollouts", True)
+        if needs_rollouts:
+            from .data import PromptSampler, load_prompts
+
+            self.prompt_sampler: Any = PromptSampler(load_prompts(config.prompts, config.prompt_column), config.seed)
+        else:
+            self.prompt_sampler = None
+        _ = config.per_process_batch  # validates divisibility early
+
+        # ---- trainable groups: the policy + whatever the loss trains
+        aux: dict[str, Trainable] = self.loss.setup(self.ctx) or {}
+        self.groups: dict[str, Trainable] = {}
+        if self.policy.trainable_parameters():
+            self.groups["policy"] = Trainable(self.policy.transformer, ema_decay=config.ema_decay or None)
+        for name, tr in aux.items():
+            if name in self.groups:
+                raise TrlVideoError(f"loss '{comps['loss'][0]}' declares a trainable group named '{name}' twice")
+            tr.module.to(self.accelerator.device)
+            self.groups[name] = tr
+        self.ctx.modules = {n: g.module for n, g in self.groups.items()}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, Any] = {}
+        from transformers import get_scheduler
+
+        for name, g in self.groups.items():
+            params = self.group_params(name)
+            opt = torch.optim.AdamW(params, lr=g.lr or config.learning_rate,
+                                    weight_decay=config.weight_decay if g.weight_decay is None else g.weight_decay,
+                                    betas=g.betas or (config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+            self.optimizers[name] = opt
+            self.schedulers[name] = get_scheduler(config.lr_scheduler_type, opt, num_warmup_steps=config.warmup_steps,
+                                                  num_training_steps=config.max_steps)
+        # EMA copies (diffusers' EMAModel) of every group that asks for one
+        from diffusers.training_utils import EMAModel
+
+        for name, g in self.groups.items():
+            if g.ema_decay:
+                self.ctx.ema[name] = EMAModel(self.group_params(name), decay=g.ema_decay)
+        self.callbacks = list(callbacks or [])
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self._writer = None
+
+    # ------------------------------------------------------------------ helpers
+    def group_params(self, name: str) -> list[nn.Parameter]:
+        if name == "policy":
+            return self.policy.trainable_parameters()
+        return [p for p in self.groups[name].module.parameters() if p.requires_grad]
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _sync_and_step(self, name: str) -> float:
+        params = self.group_params(name)
+        if self.accelerator.num_processes > 1:
+            # explicit all-reduce (mean) of the group's gradients: methods call the same network several times
+            # per backward (policy/reference/fake, two noising batches), which DDP's hooks do not allow
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+            flat = self.accelerator.reduce(flat, reduction="mean")
+            offset = 0
+            for p in params:
+                n = p.numel()
+                p.grad = flat[offset:offset + n].view_as(p).clone()
+                offset += n
+        g = self.groups[name]
+        max_norm = g.max_grad_norm if g.max_grad_norm is not None else self.config.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm and max_norm > 0 else torch.tensor(0.0)
+        self.optimizers[name].step()
+        self.schedulers[name].step()
+        self.optimizers[name].zero_grad(set_to_none=True)
+        if name in self.ctx.ema:
+            self.ctx.ema[name].step(params)
+        return float(norm)
+
+    def _fresh_rollouts(self) -> Rollouts:
+        cfg, ctx = self.config, self.ctx
+        prompts_u, _ = self.prompt_sampler.next(cfg.prompts_per_step)
+        prompts = [p for p in prompts_u for _ in range(cfg.group_size)]
+        gids = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.group_size)
+        n, rank = cfg.per_process_batch, self.accelerator.process_index
+        prompts, gids = prompts[rank * n:(rank + 1) * n], gids[rank * n:(rank + 1) * n].to(ctx.device)
+        embeds, _ = self.policy.encode_prompts(prompts)
+        sample_grad = getattr(self.loss, "sample_grad", False)
+        with torch.set_grad_enabled(sample_grad):
+            fresh = self.sampler.sample(ctx, prompts, embeds, gids)
+        reward_grad = sample_grad and getattr(self.loss, "reward_grad", False)
+        fresh.rewards = ctx.score(fresh.latents, prompts, grad=reward_grad)
+        return self.estimator(ctx, fresh)
+
+    def _batch(self, cache: dict[int, Rollouts], m: int, stats: dict[str, list[torch.Tensor]]) -> Rollouts:
+        if m in cache:
+            return cache[m]
+        fresh = None
+        if getattr(self.replay, "needs_rollouts", True):
+            fresh = self._fresh_rollouts()
+            stats["reward"].append(fresh.rewards.detach())
+            self.replay.update(self.ctx, fresh)
+        batch = self.replay.sample(self.ctx, fresh)
+        if fresh is None and batch.rewards is not None:
+            stats["reward"].append(batch.rewards.detach())
+        cache[m] = batch.detach()
+        return batch
+
+    # ------------------------------------------------------------------ one step
+    def training_step(self) -> dict[str, float]:
+        cfg, ctx = self.config, self.ctx
+        ctx.step = self.global_step
+        ctx.state.clear()
+        t0 = time.perf_counter()
+        cache: dict[int, Rollouts] = {}
+        stats: dict[str, list[torch.Tensor]] = {"reward": []}
+        metrics: dict[str, float] = {}
+        phases: list[Phase] = self.loss.phases(self.global_step)
+        accum = cfg.gradient_accumulation_steps
+        for phase in phases:
+            unknown = [g for g in phase.groups if g not in self.groups]
+            if unknown:
+                raise TrlVideoError(f"loss phase '{phase.name}' steps unknown groups {unknown}; "
+                                    f"trainable groups: {list(self.groups)}")
+            for _ in range(phase.repeats):
+                for m in range(accum):
+                    batch = self._batch(cache, m, stats) if phase.needs_rollouts else None
+                    loss, met = self.loss.compute(ctx, phase, batch)
+                    if not torch.isfinite(loss):
+                        raise TrlVideoError(f"loss phase '{phase.name}' is not finite ({float(loss)}) at step "
+                                            f"{self.global_step}")
+                    if loss.requires_grad:
+                        self.accelerator.backward(loss / accum)
+                    metrics[f"loss/{phase.name}"] = float(loss.detach())
+                    for k, v in met.items():
+                        metrics[f"{phase.name}/{k}"] = float(v)
+                for g in phase.groups:
+                    metrics[f"grad_norm/{g}"] = self._sync_and_step(g)
+        if stats["reward"]:
+            r = ctx.gather(torch.cat(stats["reward"]).float())
+            metrics["reward_mean"] = float(r.mean())
+            metrics["reward_std"] = float(r.std(unbiased=False))
+        for name, sch in self.schedulers.items():
+            metrics[f"lr/{name}"] = float(sch.get_last_lr()[0])
+        metrics["seconds"] = time.perf_counter() - t0
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+        from transformers import TrainerControl, TrainerState
+
+        cfg = self.config
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.report_to == "tensorboard" and self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+        state = TrainerState(max_steps=cfg.max_steps, global_step=self.global_step, is_world_process_zero=self.is_main)
+        control = TrainerControl()
+        self._call("on_train_begin", state, control)
+        bar = tqdm(total=cfg.max_steps, initial=self.global_step, disable=not self.is_main, desc="train",
+                   dynamic_ncols=True)
+        while self.global_step < cfg.max_steps:
+            metrics = self.training_step()
+            self.global_step += 1
+            state.global_step = self.global_step
+            if self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_steps:
+                self.log(metrics)
+                self._call("on_log", state, control, logs=metrics)
+            bar.update(1)
+            if "reward_mean" in metrics:
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}")
+            self._call("on_step_end", state, control, metrics=metrics)
+            if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < cfg.max_steps:
+                self.save_checkpoint()
+                self._call("on_save", state, control)
+            if control.should_training_stop:
+                break
+        bar.close()
+        self.save_checkpoint()
+        if cfg.save_model_at_end:
+            self.save_model()
+        self._call("on_train_end", state, control)
+        if self._writer is not None:
+            self._writer.flush()
+        result: dict[str, Any] = {"global_step": self.global_step, "output_dir": str(self.output_dir)}
+        if cfg.eval_at_end:
+            from .evaluation import evaluate_trainer
+
+            result["eval"] = evaluate_trainer(self)
+        if cfg.push_to_hub and self.is_main:
+            result["hub_url"] = self.push_to_hub()
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def _call(self, event: str, state: Any, control: Any, **kw: Any) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(self.config, state, control, trainer=self, **kw)
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        row = {"step": self.global_step, **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}}
+        self.history.append(row)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._writer is not None:
+            for k, v in metrics.items():
+                self._writer.add_scalar(k, v, self.global_step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _component_states(self) -> dict[str, Any]:
+        states: dict[str, Any] = {}
+        for kind in ("replay", "estimator", "loss", "sampler"):
+            comp = getattr(self, kind)
+            if hasattr(comp, "state_dict"):
+                states[kind] = comp.state_dict()
+        if self.prompt_sampler is not None:
+            states["prompt_sampler"] = self.prompt_sampler.state_dict()
+        if self.ctx.offline is not None:
+            states["offline"] = self.ctx.offline.state_dict()
+        return states
+
+    def save_checkpoint(self) -> Path:
+        """Atomic: everything is written to a temporary folder that is renamed into place at the end."""
+        from safetensors.torch import save_file
+
+        final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.global_step}"
+        tmp = self.output_dir / f".tmp-{CHECKPOINT_PREFIX}{self.global_step}"
+        rank = self.accelerator.process_index
+        if self.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        torch.save(self._rng_state(), tmp / f"rng-{rank}.pt")
+        if self.is_main:
+            tensors = {}
+            for name in self.groups:
+                if name == "policy":
+                    named = [(n, p) for n, p in self.policy.transformer.named_parameters() if p.requires_grad]
+                else:
+                    named = list(self.groups[name].module.state_dict().items())
+                for n, p in named:
+                    tensors[f"{name}/{n}"] = p.detach().contiguous().cpu()
+            save_file(tensors, str(tmp / "trainable.safetensors"))
+            torch.save({n: {"optimizer": o.state_dict(), "scheduler": self.schedulers[n].state_dict()}
+                        for n, o in self.optimizers.items()}, tmp / "optimizers.pt")
+            torch.save({n: e.state_dict() for n, e in self.ctx.ema.items()}, tmp / "ema.pt")
+            torch.save(self._component_states(), tmp / "components.pt")
+            if self.policy.uses_lora:
+                from peft.utils import get_peft_model_state_dict
+
+                self.policy.pipeline().__class__.save_lora_weights(
+                    tmp, transformer_lora_layers=get_peft_model_state_dict(self.policy.transformer),
+                    safe_serialization=True)
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {"global_step": self.global_step, "config": self.config.to_dict(), "recipe": self.recipe}, indent=2,
+                default=str))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._rotate_checkpoints()
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _rotate_checkpoints(self) -> None:
+        limit = self.config.save_total_limit
+        if not limit:
+            return
+        for old in find_checkpoints(self.output_dir)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _rng_state(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        return {"torch": torch.get_rng_state(), "generator": self.ctx.generator.get_state(),
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+                "python": json.dumps(random.getstate())}
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "trainer_state.json").exists():
+            raise TrlVideoError(f"'{path}' is not a trl-video checkpoint (no trainer_state.json)")
+        state = json.loads((path / "trainer_state.json").read_text())
+        tensors = load_file(str(path / "trainable.safetensors"))
+        for name in self.groups:
+            prefix = f"{name}/"
+            part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if name == "policy":
+                params = dict(self.policy.transformer.named_parameters())
+                missing = [n for n, p in params.items() if p.requires_grad and n not in part]
+                if missing:
+                    raise TrlVideoError(f"checkpoint '{path}' lacks policy weights such as '{missing[0]}' "
+                                        f"(was it trained with another LoRA/full setting?)")
+                with torch.no_grad():
+                    for n, v in part.items():
+                        params[n].copy_(v)
+            else:
+                self.groups[name].module.load_state_dict(part)
+        opt_states = torch.load(path / "optimizers.pt", weights_only=True)
+        for n, s in opt_states.items():
+            self.optimizers[n].load_state_dict(s["optimizer"])
+            self.schedulers[n].load_state_dict(s["scheduler"])
+        for n, s in torch.load(path / "ema.pt", weights_only=True).items():
+            self.ctx.ema[n].load_state_dict(s)
+        comps = torch.load(path / "components.pt", weights_only=True)
+        for kind in ("replay", "estimator", "loss", "sampler"):
+            if kind in comps and hasattr(getattr(self, kind), "load_state_dict"):
+                getattr(self, kind).load_state_dict(comps[kind])
+        if "prompt_sampler" in comps and self.prompt_sampler is not None:
+            self.prompt_sampler.load_state_dict(comps["prompt_sampler"])
+        if "offline" in comps and self.ctx.offline is not None:
+            self.ctx.offline.load_state_dict(comps["offline"])
+        rank = self.accelerator.process_index
+        rng = torch.load(path / f"rng-{rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        self.ctx.generator.set_state(rng["generator"])
+        np_s = rng["numpy"]
+        np.random.set_state((np_s[0], np_s[1].numpy().astype(np.uint32), *np_s[2:]))
+        py = json.loads(rng["python"])
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        self.global_step = int(state["global_step"])
+
+    # ------------------------------------------------------------------ export
+    def save_model(self, path: str | Path | None = None) -> Path:
+        """Write a diffusers pipeline folder (LoRA merged + the adapter file) with a model card, atomically."""
+        path = Path(path) if path else self.output_dir / "model"
+        if self.is_main:
+            tmp = path.with_name(f".tmp-{path.name}")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            self.policy.save_pretrained(tmp)
+            from .hub import write_model_card
+
+            write_model_card(tmp, self)
+            if path.exists():
+                old = path.with_name(f".old-{path.name}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def push_to_hub(self, repo_id: str | None = None, endpoint: str | None = None, token: str | None = None) -> str:
+        from .hub import push_folder
+
+        repo_id = repo_id or self.config.hub_model_id
+        if not repo_id:
+            raise TrlVideoError("push_to_hub needs hub_model_id (e.g. user/my-video-model)")
+        folder = self.output_dir / "model"
+        if not folder.exists():
+            self.save_model()
+        return push_folder(folder, repo_id, private=self.config.hub_private, endpoint=endpoint, token=token)
