@@ -42,3 +42,10 @@ def trl_video_register_replay_buffers(register):
 @hookimpl
 def trl_video_register_methods(register):
     register("refl", REFL)
+
+
+@hookimpl
+def trl_video_register_benchmarks(register):
+    from .bench import bench_overhead
+
+    register("overhead", bench_overhead)

@@ -47,3 +47,8 @@ def trl_video_register_replay_buffers(register: Register) -> None:
 @hookspec
 def trl_video_register_methods(register: Register) -> None:
     """Register methods: ``register(name, MethodSpec(...))`` bundles default components + config."""
+
+
+@hookspec
+def trl_video_register_benchmarks(register: Register) -> None:
+    """Register ``trl-video bench <name>`` commands: ``register(name, fn)`` with ``fn(argv: list[str]) -> int``."""

@@ -23,7 +23,10 @@ KINDS: dict[str, str] = {
     "reward": "trl_video_register_rewards",
     "replay": "trl_video_register_replay_buffers",
     "method": "trl_video_register_methods",
+    "bench": "trl_video_register_benchmarks",
 }
+#: the five hook points of one training step (plus "method" bundles and "bench" commands)
+HOOK_POINTS = ("sampler", "estimator", "loss", "reward", "replay")
 
 #: Which distribution provides a well-known method, for "pip install ..." hints.
 KNOWN_PLUGIN_PACKAGES: dict[str, str] = {

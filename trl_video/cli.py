@@ -1,0 +1,248 @@
+"""``trl-video`` command line: plugins | train | eval | encode | push | bench | pretrain."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import TrlVideoError
+
+
+def load_recipe(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise TrlVideoError(f"recipe not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise TrlVideoError(f"recipe {p} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TrlVideoError(f"recipe {p} must be a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(recipe: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """``--set key=value`` (value parsed as YAML); dotted keys reach into mappings: ``method_args.beta=2``."""
+    out = json.loads(json.dumps(recipe, default=str))
+    for item in sets:
+        if "=" not in item:
+            raise TrlVideoError(f"--set '{item}': expected key=value")
+        key, _, raw = item.partition("=")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise TrlVideoError(f"--set '{item}': '{part}' is not a mapping")
+        node[parts[-1]] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import KINDS, get_registry
+
+    reg = get_registry()
+    for kind in KINDS:
+        items = reg.items(kind)
+        print({"loss": "losses", "bench": "benchmarks"}.get(kind, f"{kind}s") + ":")
+        for info in items:
+            print(f"  {info.name:<18} {info.distribution} {info.version}")
+        if not items:
+            print("  (none)")
+    for reason in reg.broken.values():
+        print(f"broken: {reason}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import config_from_dict
+    from .plan import resolve_plan
+    from .plugins import get_registry
+
+    recipe = apply_overrides(load_recipe(args.recipe), args.set or [])
+    if args.output_dir:
+        recipe["output_dir"] = args.output_dir
+    config = config_from_dict(recipe, where=f"recipe {args.recipe}")
+    registry = get_registry()
+    plan = resolve_plan(config, registry)
+    if args.dry_run:
+        _check_sources(config)
+        print(f"recipe   {args.recipe}: valid")
+        print(f"model    {config.model}\noutput   {config.output_dir}")
+        print(f"steps    {config.max_steps} x ({config.prompts_per_step} prompts x {config.group_size} samples)")
+        print(plan.describe())
+        return 0
+    from .trainer import VideoRewardTrainer
+
+    trainer = VideoRewardTrainer(config, registry=registry, recipe=recipe, resume=args.resume)
+    result = trainer.train()
+    if trainer.is_main:
+        out = Path(config.output_dir)
+        print(f"done: {result['global_step']} steps; model: {out / 'model'}; metrics: {out / 'metrics.jsonl'}")
+        if "eval" in result:
+            ev = result["eval"]
+            print(f"eval: {ev['reward']} {ev['reward_before']:.4f} -> {ev['reward_after']:.4f} "
+                  f"(gain {ev['gain']:.4f} +- {ev['gain_sem']:.4f} s.e., n={ev['num_prompts']})")
+            print(f"pictures: {out / 'eval' / 'samples_before_after.png'}, {out / 'eval' / 'samples_before.gif'}, "
+                  f"{out / 'eval' / 'samples_after.gif'}, {out / 'eval' / 'reward_curve.png'}")
+            print(f"results:  {out / 'eval' / 'eval_results.json'}")
+    return 0
+
+
+def _check_sources(config: Any) -> None:
+    """Dry-run checks that need no weights: local files named by the recipe exist."""
+    from .models.presets import PRESETS
+
+    for key in ("prompts", "eval_prompts"):
+        src = getattr(config, key)
+        if not src.startswith("world:") and (src.startswith((".", "/")) or Path(src).suffix):
+            if not Path(src).exists():
+                raise TrlVideoError(f"{key}: file or folder not found: {src}")
+    if config.offline_latents and not Path(config.offline_latents).exists():
+        raise TrlVideoError(f"offline_latents: folder not found: {config.offline_latents}")
+    m = config.model
+    if m not in PRESETS and (m.startswith((".", "/")) or m.count("/") != 1) and not Path(m).exists():
+        raise TrlVideoError(f"model: '{m}' is neither a preset, an existing folder, nor a hub id")
+
+
+def _model_dir(path: str) -> Path:
+    p = Path(path)
+    if (p / "model_index.json").exists():
+        return p
+    if (p / "model" / "model_index.json").exists():
+        return p / "model"
+    raise TrlVideoError(f"--checkpoint '{path}' holds no saved model (model_index.json or model/model_index.json)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import eval_pairs, evaluate
+    from .models.policy import load_policy
+    from .plan import build_reward
+    from .plugins import get_registry
+
+    model_dir = _model_dir(args.checkpoint)
+    meta_file = model_dir / "trl_video.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    baseline = args.baseline or meta.get("base_model")
+    if not baseline:
+        raise TrlVideoError(f"--baseline is needed: {model_dir} does not record its base model")
+    reg = get_registry()
+    names = args.reward or [meta.get("reward", "alignment")]
+    rewards = {n: build_reward(reg, n, {}) for n in names}
+    after, before = load_policy(str(model_dir)), load_policy(baseline)
+    prompts, seeds = eval_pairs(args.prompts, args.num_prompts, args.seed)
+    metrics = model_dir.parent / "metrics.jsonl"
+    out = Path(args.out or (model_dir.parent / "eval"))
+    res = evaluate(after, prompts, seeds, rewards, out, policy_before=before, num_steps=args.num_steps,
+                   metrics_path=metrics if metrics.exists() else None, main_reward=names[0])
+    print(f"{res['reward']}: before {res['reward_before']:.4f} after {res['reward_after']:.4f} "
+          f"gain {res['gain']:.4f} +- {res['gain_sem']:.4f} (n={res['num_prompts']}); results in {out}")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from .data import encode_videos
+    from .models.policy import load_policy
+
+    if Path(args.out).exists():
+        raise TrlVideoError(f"--out '{args.out}' already exists (nothing was overwritten)")
+    policy = load_policy(args.model)
+    n = encode_videos(args.videos, policy, args.out, batch_size=args.batch_size)
+    print(f"encoded {n} videos -> {args.out} (latent shape {tuple(policy.latent_shape)})")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_folder
+
+    url = push_folder(_model_dir(args.checkpoint), args.repo_id, private=args.private, endpoint=args.endpoint)
+    print(f"pushed to {url}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from .plugins import get_registry
+
+    fn = get_registry().get("bench", args.name).obj
+    return int(fn(rest) or 0)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import run_pretrain
+
+    run_pretrain(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="trl-video", description="Reward fine-tuning / RL for video diffusion models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("plugins", help="list installed components by hook point")
+    t = sub.add_parser("train", help="train from a YAML recipe")
+    t.add_argument("--recipe", required=True)
+    t.add_argument("--output-dir")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+    t.add_argument("--dry-run", action="store_true", help="validate the recipe and print the plan; load no weights")
+    e = sub.add_parser("eval", help="before/after rewards, GIFs and JSON for a trained model")
+    e.add_argument("--checkpoint", required=True, help="an output dir (with model/) or a saved model folder")
+    e.add_argument("--baseline", help="model to compare with (default: the recorded base model)")
+    e.add_argument("--prompts", default="world:heldout")
+    e.add_argument("--num-prompts", type=int, default=32)
+    e.add_argument("--num-steps", type=int, default=20)
+    e.add_argument("--seed", type=int, default=1234)
+    e.add_argument("--reward", action="append", help="reward(s) to report (default: the training reward)")
+    e.add_argument("--out")
+    c = sub.add_parser("encode", help="encode video files into an offline-latents dataset")
+    c.add_argument("--videos", required=True)
+    c.add_argument("--model", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--batch-size", type=int, default=4)
+    p = sub.add_parser("push", help="push a saved model folder to the Hub")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--repo-id", required=True)
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--endpoint", default=os.environ.get("HF_ENDPOINT"))
+    b = sub.add_parser("bench", help="benchmarks (trl-video bench overhead, ...)")
+    b.add_argument("name")
+    pt = sub.add_parser("pretrain", help="reproduce the embedded tiny base models")
+    try:
+        from .pretrain import add_pretrain_arguments
+
+        add_pretrain_arguments(pt)
+    except ImportError:
+        pass
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "bench":
+            return cmd_bench(args, rest)
+        return {"plugins": cmd_plugins, "train": cmd_train, "eval": cmd_eval, "encode": cmd_encode,
+                "push": cmd_push, "pretrain": cmd_pretrain}[args.command](args)
+    except TrlVideoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

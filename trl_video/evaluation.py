@@ -1,0 +1,198 @@
+"""Evaluation: fixed seeds, before/after rewards, GIF/PNG grids, reward curve, ``eval_results.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import TrlVideoError
+
+
+@torch.no_grad()
+def sample_videos(policy: Any, prompts: list[str], seeds: list[int], num_steps: int = 20, transformer: Any = None,
+                  batch_size: int = 16) -> torch.Tensor:
+    """Deterministic ODE samples (one noise per seed) -> normalised latents ``[N, C, F, H, W]``."""
+    sch = policy.schedule
+    grid = sch.timesteps(num_steps)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ps, ss = prompts[i:i + batch_size], seeds[i:i + batch_size]
+        x = torch.stack([torch.randn(*policy.latent_shape, generator=torch.Generator().manual_seed(s)) for s in ss])
+        x = x.to(policy.device)
+        emb, _ = policy.encode_prompts(ps)
+        for k in range(num_steps):
+            t, s = grid[k], grid[k + 1]
+            native = policy.predict(x, t.expand(len(ps)), emb, transformer=transformer)
+            x0, eps = sch.to_x0(native, x, t), sch.to_eps(native, x, t)
+            x, _ = sch.ddim_step(x0, eps, t, s)
+        out.append(x)
+    return torch.cat(out)
+
+
+def to_uint8_frames(videos: torch.Tensor) -> np.ndarray:
+    """``[N, 3, F, H, W]`` in [-1, 1] -> ``[N, F, H, W, 3]`` uint8."""
+    v = ((videos.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return v.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def video_grid(videos: torch.Tensor, cols: int = 4, upscale: int = 4, pad: int = 2) -> np.ndarray:
+    """Tile N clips into one clip ``[F, H', W', 3]`` (nearest upscaling so small clips are visible)."""
+    frames = to_uint8_frames(videos)
+    n, f, h, w, _ = frames.shape
+    frames = frames.repeat(upscale, 2).repeat(upscale, 3)
+    h, w = h * upscale, w * upscale
+    rows = math.ceil(n / cols)
+    grid = np.full((f, rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = frames[i]
+    return grid
+
+
+def save_gif(path: Path, clip: np.ndarray, fps: int = 6) -> None:
+    import imageio.v3 as iio
+
+    iio.imwrite(path, clip, duration=int(1000 / fps), loop=0)
+
+
+def save_before_after_png(path: Path, before: torch.Tensor, after: torch.Tensor, prompts: list[str], n: int = 6,
+                          upscale: int = 3) -> None:
+    """Rows: prompts; columns: first/middle/last frame before, then after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(n, len(prompts))
+    fb, fa = to_uint8_frames(before[:n]), to_uint8_frames(after[:n])
+    idx = [0, fb.shape[1] // 2, fb.shape[1] - 1]
+    fig, axes = plt.subplots(n, 6, figsize=(6 * 1.3, n * 1.45))
+    axes = np.atleast_2d(axes)
+    for r in range(n):
+        for j, f in enumerate(idx):
+            for k, (src, tag) in enumerate(((fb, "before"), (fa, "after"))):
+                ax = axes[r, j + 3 * k]
+                ax.imshow(src[r, f].repeat(upscale, 0).repeat(upscale, 1))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(f"{tag} f{f}", fontsize=7)
+        axes[r, 0].set_ylabel(prompts[r].replace(" moving", "\nmoving").replace(" on a", "\non a"), fontsize=5,
+                              rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reward_curve(metrics_path: Path, out: Path, key: str = "reward_mean") -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_path.exists():
+        return False
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if key in r]
+    if not rows:
+        return False
+    steps = np.array([r["step"] for r in rows])
+    vals = np.array([r[key] for r in rows])
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(steps, vals, alpha=0.35, label=key)
+    k = max(1, len(vals) // 20)
+    if k > 1:
+        smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, label=f"{key} (moving avg {k})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _stats(x: torch.Tensor) -> dict[str, float]:
+    x = x.double()
+    return {"mean": float(x.mean()), "std": float(x.std(unbiased=True)) if len(x) > 1 else 0.0,
+            "sem": float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else 0.0}
+
+
+def evaluate(policy_after: Any, prompts: list[str], seeds: list[int], rewards: dict[str, Any], out_dir: str | Path, *,
+             policy_before: Any = None, transformer_before: Any = None, num_steps: int = 20,
+             metrics_path: str | Path | None = None, main_reward: str | None = None) -> dict[str, Any]:
+    """Score the same (prompt, seed) pairs before and after; write JSON, GIFs, PNG grid and reward curve."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    main_reward = main_reward or next(iter(rewards))
+    lat_after = sample_videos(policy_after, prompts, seeds, num_steps)
+    before_policy = policy_before or policy_after
+    if transformer_before is not None or policy_before is not None:
+        lat_before = sample_videos(before_policy, prompts, seeds, num_steps, transformer=transformer_before)
+    else:
+        with policy_after.reference() as ref:
+            lat_before = sample_videos(policy_after, prompts, seeds, num_steps, transformer=ref)
+    with torch.no_grad():
+        pix_after = torch.cat([policy_after.decode(lat_after[i:i + 16]) for i in range(0, len(prompts), 16)])
+        pix_before = torch.cat([before_policy.decode(lat_before[i:i + 16]) for i in range(0, len(prompts), 16)])
+    per_reward: dict[str, Any] = {}
+    paired = {}
+    for name, fn in rewards.items():
+        with torch.no_grad():
+            rb = fn(pix_before if fn.space == "pixel" else lat_before, prompts).float().cpu()
+            ra = fn(pix_after if fn.space == "pixel" else lat_after, prompts).float().cpu()
+        per_reward[name] = {"before": _stats(rb), "after": _stats(ra), "gain": _stats(ra - rb)}
+        paired[name] = (rb, ra)
+    rb, ra = paired[main_reward]
+    diff = _stats(ra - rb)
+    results = {
+        "reward": main_reward,
+        "reward_before": float(rb.mean()), "reward_after": float(ra.mean()),
+        "gain": diff["mean"], "gain_sem": diff["sem"],
+        "gain_in_sem": diff["mean"] / diff["sem"] if diff["sem"] > 0 else None,
+        "per_reward": per_reward, "num_prompts": len(prompts), "seeds": list(seeds), "prompts": list(prompts),
+        "num_steps": num_steps,
+    }
+    (out / "eval_results.json").write_text(json.dumps(results, indent=2))
+    n = min(16, len(prompts))
+    save_gif(out / "samples_before.gif", video_grid(pix_before[:n]))
+    save_gif(out / "samples_after.gif", video_grid(pix_after[:n]))
+    save_before_after_png(out / "samples_before_after.png", pix_before, pix_after, prompts)
+    if metrics_path is not None:
+        plot_reward_curve(Path(metrics_path), out / "reward_curve.png")
+    return results
+
+
+def eval_pairs(prompts_source: str, n: int, seed: int = 1234) -> tuple[list[str], list[int]]:
+    from .data import load_prompts
+
+    pool = load_prompts(prompts_source)
+    if not pool:
+        raise TrlVideoError(f"no prompts in '{prompts_source}'")
+    prompts = [pool[i % len(pool)] for i in range(n)]
+    seeds = [seed + i for i in range(n)]
+    return prompts, seeds
+
+
+def evaluate_trainer(trainer: Any) -> dict[str, Any]:
+    """End-of-training evaluation: the base (adapter disabled / frozen copy) vs the trained policy."""
+    cfg = trainer.config
+    if not trainer.is_main:
+        return {}
+    from .plan import build_reward
+
+    prompts, seeds = eval_pairs(cfg.eval_prompts, cfg.eval_num_prompts)
+    rewards = {cfg.reward: trainer.reward}
+    for name in cfg.eval_rewards:
+        rewards[name] = build_reward(trainer.registry, name, {})
+    trainer.policy.eval()
+    results = evaluate(trainer.policy, prompts, seeds, rewards, trainer.output_dir / "eval",
+                       num_steps=cfg.eval_num_steps, metrics_path=trainer.output_dir / "metrics.jsonl",
+                       main_reward=cfg.reward)
+    return results
