@@ -99,8 +99,27 @@ class VideoPolicy(nn.Module):
         if self.family == "wan":
             return net(hidden_states=x_t, timestep=ts, encoder_hidden_states=emb, return_dict=False)[0]
         out = net(hidden_states=x_t.permute(0, 2, 1, 3, 4), encoder_hidden_states=emb, timestep=ts,
-                  return_dict=False)[0]
+                  image_rotary_emb=self._cogvideox_rotary(x_t), return_dict=False)[0]
         return out.permute(0, 2, 1, 3, 4)
+
+    def _cogvideox_rotary(self, x_t: Tensor) -> tuple[Tensor, Tensor] | None:
+        """3-D RoPE for CogVideoX models that use it (2b-1.5/5b), computed by the diffusers pipeline's own
+        helper; the tiny preset uses learned positional embeddings instead."""
+        cfg = self.transformer.config
+        if not getattr(cfg, "use_rotary_positional_embeddings", False):
+            return None
+        key = tuple(x_t.shape[2:])
+        cache = self.__dict__.setdefault("_rope_cache", {})
+        if key not in cache:
+            from types import SimpleNamespace
+
+            from diffusers import CogVideoXPipeline
+
+            sf = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            shim = SimpleNamespace(transformer=self.transformer, vae_scale_factor_spatial=sf)
+            cache[key] = CogVideoXPipeline._prepare_rotary_positional_embeddings(
+                shim, height=key[2] * sf, width=key[3] * sf, num_frames=key[0], device=x_t.device)
+        return cache[key]
 
     def predict_x0(self, x_t: Tensor, t: Tensor, prompt_embeds: Tensor, transformer: nn.Module | None = None) -> Tensor:
         return self.schedule.to_x0(self.predict(x_t, t, prompt_embeds, transformer), x_t, t)
