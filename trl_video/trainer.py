@@ -194,9 +194,13 @@ class VideoRewardTrainer:
         fresh.rewards = ctx.score(fresh.latents, prompts, grad=reward_grad)
         return self.estimator(ctx, fresh)
 
-    def _batch(self, cache: dict[int, Rollouts], m: int, stats: dict[str, list[torch.Tensor]]) -> Rollouts:
+    def _batch(self, cache: dict[Any, Rollouts], m: int, stats: dict[str, list[torch.Tensor]],
+               uses_graph: bool = True) -> Rollouts:
+        """Micro-batch ``m`` of this step, sampled once. The sampling graph (if any) goes to the first phase
+        that uses it; every other request gets the detached copy."""
         if m in cache:
-            return cache[m]
+            graph = cache.pop(("graph", m), None) if uses_graph else None
+            return graph if graph is not None else cache[m]
         fresh = None
         if getattr(self.replay, "needs_rollouts", True):
             fresh = self._fresh_rollouts()
@@ -206,6 +210,9 @@ class VideoRewardTrainer:
         if fresh is None and batch.rewards is not None:
             stats["reward"].append(batch.rewards.detach())
         cache[m] = batch.detach()
+        if not uses_graph:
+            cache[("graph", m)] = batch
+            return cache[m]
         return batch
 
     # ------------------------------------------------------------------ one step
@@ -214,7 +221,7 @@ class VideoRewardTrainer:
         ctx.step = self.global_step
         ctx.state.clear()
         t0 = time.perf_counter()
-        cache: dict[int, Rollouts] = {}
+        cache: dict[Any, Rollouts] = {}
         stats: dict[str, list[torch.Tensor]] = {"reward": []}
         metrics: dict[str, float] = {}
         phases: list[Phase] = self.loss.phases(self.global_step)
@@ -226,7 +233,7 @@ class VideoRewardTrainer:
                                     f"trainable groups: {list(self.groups)}")
             for _ in range(phase.repeats):
                 for m in range(accum):
-                    batch = self._batch(cache, m, stats) if phase.needs_rollouts else None
+                    batch = self._batch(cache, m, stats, phase.uses_graph) if phase.needs_rollouts else None
                     loss, met = self.loss.compute(ctx, phase, batch)
                     if not torch.isfinite(loss):
                         raise TrlVideoError(f"loss phase '{phase.name}' is not finite ({float(loss)}) at step "

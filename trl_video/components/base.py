@@ -24,7 +24,6 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from ..config import VideoRewardConfig
     from ..models.policy import VideoPolicy
-    from ..rollouts import Rollouts
 
 
 @dataclass
@@ -47,12 +46,15 @@ class Phase:
     ``groups``: optimiser groups whose parameters this phase's loss updates ("policy" or a Trainable's name).
     ``repeats``: how many optimiser steps the phase takes this step (DMD's 5 fake-score updates).
     ``needs_rollouts``: whether ``compute`` uses this step's batch (phases can bring their own data).
+    ``uses_graph``: whether this phase backpropagates through the batch's sampling graph (``sample_grad``
+    losses). The graph is handed to the first phase that uses it; other phases get the detached batch.
     """
 
     name: str
     groups: tuple[str, ...] = ("policy",)
     repeats: int = 1
     needs_rollouts: bool = True
+    uses_graph: bool = True
 
 
 @runtime_checkable

@@ -1,7 +1,7 @@
 import torch
+import vidrl_plugin_example_reward as plugin
 
 from trl_video.plugins import Registry, make_plugin_manager
-import vidrl_plugin_example_reward as plugin
 
 
 def test_warmth_orders_red_above_blue() -> None:
