@@ -447,7 +447,8 @@ class VideoRewardTrainer:
             tmp = path.with_name(f".tmp-{path.name}")
             if tmp.exists():
                 shutil.rmtree(tmp)
-            self.policy.save_pretrained(tmp)
+            self.policy.save_pretrained(tmp, extra_meta={"base_model": self.config.model, "method": self.config.method,
+                                                         "reward": self.config.reward, "steps": self.global_step})
             from .hub import write_model_card
 
             write_model_card(tmp, self)

@@ -199,7 +199,7 @@ class VideoPolicy(nn.Module):
         return cls(tokenizer=self.tokenizer, text_encoder=self.text_encoder, transformer=transformer or self.transformer,
                    vae=self.vae, scheduler=self.scheduler)
 
-    def save_pretrained(self, path: str | Path, merge_lora: bool = True) -> None:
+    def save_pretrained(self, path: str | Path, merge_lora: bool = True, extra_meta: dict[str, Any] | None = None) -> None:
         """Write a diffusers pipeline folder (``WanPipeline``/``CogVideoXPipeline.from_pretrained`` loads it).
         LoRA adapters are merged into the saved transformer and also written on their own."""
         path = Path(path)
@@ -216,7 +216,7 @@ class VideoPolicy(nn.Module):
                 transformer.unload_lora() if hasattr(transformer, "unload_lora") else None
         self.pipeline(transformer).save_pretrained(path, safe_serialization=True)
         meta = {"family": self.family, "num_frames": self.num_frames, "height": self.height, "width": self.width,
-                "max_text_len": self.max_text_len}
+                "max_text_len": self.max_text_len, **(extra_meta or {})}
         (path / "trl_video.json").write_text(json.dumps(meta, indent=2))
 
 
