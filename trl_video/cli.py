@@ -91,7 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = trainer.train()
     if trainer.is_main:
         out = Path(config.output_dir)
-        print(f"done: {result['global_step']} steps; model: {out / 'model'}; metrics: {out / 'metrics.jsonl'}")
+        saved = f"; model: {out / 'model'}" if config.save_model_at_end else ""
+        print(f"done: {result['global_step']} steps{saved}; metrics: {out / 'metrics.jsonl'}")
         if "eval" in result:
             ev = result["eval"]
             print(f"eval: {ev['reward']} {ev['reward_before']:.4f} -> {ev['reward_after']:.4f} "

@@ -149,6 +149,12 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return True
 
 
+def _accepts_float(tp: Any) -> bool:
+    if tp is float:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp)
+
+
 def check_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     """Unknown keys -> "did you mean"; wrong types name the key. Returns data with ints coerced to floats."""
     hints = typing.get_type_hints(cls)
@@ -160,6 +166,11 @@ def check_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise TrlVideoError(f"{where}: unknown key '{key}'{hint}")
         tp = hints[key]
+        if isinstance(value, str) and _accepts_float(tp):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
         if not _type_ok(value, tp):
             pretty = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
             raise TrlVideoError(f"{where}: key '{key}' must be {pretty}, got {type(value).__name__} {value!r}")

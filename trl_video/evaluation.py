@@ -17,6 +17,8 @@ from .errors import TrlVideoError
 def sample_videos(policy: Any, prompts: list[str], seeds: list[int], num_steps: int = 20, transformer: Any = None,
                   batch_size: int = 16) -> torch.Tensor:
     """Deterministic ODE samples (one noise per seed) -> normalised latents ``[N, C, F, H, W]``."""
+    if len(prompts) != len(seeds):
+        raise TrlVideoError(f"sample_videos: {len(prompts)} prompts but {len(seeds)} seeds")
     sch = policy.schedule
     grid = sch.timesteps(num_steps)
     out = []

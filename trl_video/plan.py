@@ -22,13 +22,13 @@ class Plan:
     infos: dict[str, ComponentInfo] = field(default_factory=dict)
 
     def describe(self) -> str:
-        lines = [f"method   {self.method.name}: {self.method.description}"]
+        lines = [f"method    {self.method.name}: {self.method.description}"]
         for kind in HOOK_POINTS:
             name, args = self.components[kind]
             info = self.infos.get(kind)
             src = f"{info.distribution} {info.version}".strip() if info else ""
-            lines.append(f"{kind:<9}{name:<14}{args}  [{src}]")
-        lines.append(f"config   {dataclasses.asdict(self.method_config)}")
+            lines.append(f"{kind:<10}{name:<14}{args}  [{src}]")
+        lines.append(f"config    {dataclasses.asdict(self.method_config)}")
         return "\n".join(lines)
 
 

@@ -273,23 +273,25 @@ class VideoRewardTrainer:
         self._call("on_train_begin", state, control)
         bar = tqdm(total=cfg.max_steps, initial=self.global_step, disable=not self.is_main, desc="train",
                    dynamic_ncols=True)
-        while self.global_step < cfg.max_steps:
-            metrics = self.training_step()
-            self.global_step += 1
-            state.global_step = self.global_step
-            if self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_steps:
-                self.log(metrics)
-                self._call("on_log", state, control, logs=metrics)
-            bar.update(1)
-            if "reward_mean" in metrics:
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}")
-            self._call("on_step_end", state, control, metrics=metrics)
-            if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < cfg.max_steps:
-                self.save_checkpoint()
-                self._call("on_save", state, control)
-            if control.should_training_stop:
-                break
-        bar.close()
+        try:
+            while self.global_step < cfg.max_steps:
+                metrics = self.training_step()
+                self.global_step += 1
+                state.global_step = self.global_step
+                if self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_steps:
+                    self.log(metrics)
+                    self._call("on_log", state, control, logs=metrics)
+                bar.update(1)
+                if "reward_mean" in metrics:
+                    bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}")
+                self._call("on_step_end", state, control, metrics=metrics)
+                if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < cfg.max_steps:
+                    self.save_checkpoint()
+                    self._call("on_save", state, control)
+                if control.should_training_stop:
+                    break
+        finally:
+            bar.close()
         self.save_checkpoint()
         if cfg.save_model_at_end:
             self.save_model()
@@ -350,6 +352,7 @@ class VideoRewardTrainer:
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         torch.save(self._rng_state(), tmp / f"rng-{rank}.pt")
+        self.accelerator.wait_for_everyone()  # all ranks' RNG files are in tmp before it is renamed into place
         if self.is_main:
             tensors = {}
             for name in self.groups:
@@ -471,4 +474,7 @@ class VideoRewardTrainer:
         folder = self.output_dir / "model"
         if not folder.exists():
             self.save_model()
+        from .hub import write_model_card
+
+        write_model_card(folder, self, repo_id=repo_id)
         return push_folder(folder, repo_id, private=self.config.hub_private, endpoint=endpoint, token=token)

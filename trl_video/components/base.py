@@ -109,12 +109,16 @@ class TrainContext:
         with ctx:
             inputs = self.policy.decode(latents) if reward.space == "pixel" else latents
             r = reward(inputs, prompts)
-        if not torch.isfinite(r).all():
-            from ..errors import TrlVideoError
+        from ..errors import TrlVideoError
 
-            bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
-            raise TrlVideoError(f"reward '{getattr(reward, 'name', reward)}' returned NaN/inf for samples {bad} "
-                                f"(prompts: {[prompts[i] for i in bad][:3]})")
+        name = getattr(reward, "name", type(reward).__name__)
+        if not torch.isfinite(r).all():
+            bad = list(range(len(prompts))) if r.ndim == 0 else (~torch.isfinite(r)).flatten().nonzero().flatten().tolist()
+            raise TrlVideoError(f"reward '{name}' returned NaN/inf for samples {bad[:8]} "
+                                f"(prompts: {[prompts[i] for i in bad if i < len(prompts)][:3]})")
+        if tuple(r.shape) != (len(prompts),):
+            raise TrlVideoError(f"reward '{name}' returned shape {tuple(r.shape)}; expected one value per sample "
+                                f"({len(prompts)},)")
         return r.float()
 
 

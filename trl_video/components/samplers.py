@@ -234,6 +234,10 @@ class WindowGradSampler(Sampler):
 
         if not 1 <= grad_steps <= num_steps:
             raise TrlVideoError(f"sampler_args.grad_steps must be in [1, num_steps={num_steps}], got {grad_steps}")
+        if start_range is not None and not (len(start_range) == 2
+                                            and 0 <= start_range[0] <= start_range[1] <= num_steps - grad_steps):
+            raise TrlVideoError(f"sampler_args.start_range must be [lo, hi] with 0 <= lo <= hi <= num_steps - "
+                                f"grad_steps = {num_steps - grad_steps}, got {list(start_range)}")
         if finish not in ("continue", "x0"):
             raise TrlVideoError(f"sampler_args.finish must be 'continue' or 'x0', got '{finish}'")
         self.grad_steps, self.start_range, self.finish = grad_steps, start_range, finish

@@ -63,7 +63,8 @@ def tiny_cogvideox_components(seed: int = 0) -> dict[str, Any]:
     return dict(transformer=transformer, vae=vae, scheduler=scheduler)
 
 
-def build_random(family: str, seed: int = 0):
+def build_random(family: str, seed: int = 0, num_frames: int | None = None, height: int | None = None,
+                 width: int | None = None):
     from .policy import VideoPolicy
     from .text import build_text_encoder, build_tokenizer
 
@@ -71,7 +72,8 @@ def build_random(family: str, seed: int = 0):
     tokenizer = build_tokenizer(world.WORDS, TINY_TEXT_LEN)
     text_encoder = build_text_encoder(family, vocab_size=len(tokenizer), d_model=TINY_TEXT_DIM, seed=seed + 1)
     return VideoPolicy(family, comps["transformer"], comps["vae"], text_encoder, tokenizer, comps["scheduler"],
-                       num_frames=world.NUM_FRAMES, height=world.SIZE, width=world.SIZE,
+                       num_frames=num_frames or world.NUM_FRAMES, height=height or world.SIZE,
+                       width=width or world.SIZE,
                        max_text_len=TINY_TEXT_LEN, source=f"tiny-{family}-random")
 
 
@@ -82,12 +84,14 @@ def build_preset(name: str, **overrides: Any):
         return _load_hub(HUB_ALIASES[name], overrides.pop("dtype", torch.float32), **overrides)
     family = "wan" if "wan" in name else "cogvideox"
     if name.endswith("-random"):
-        return build_random(family, seed=int(overrides.get("seed", 0) or 0))
+        return build_random(family, seed=int(overrides.get("seed", 0) or 0), num_frames=overrides.get("num_frames"),
+                            height=overrides.get("height"), width=overrides.get("width"))
     folder = ASSETS / name
     if (folder / "model_index.json").exists():
-        policy = _load_pipeline_folder(folder)
+        policy = _load_pipeline_folder(folder, **overrides)
         policy.source = name
         return policy
     warnings.warn(f"preset '{name}': no trained weights at {folder}; using random weights "
                   f"(run `trl-video pretrain --family {family}` to build them)", stacklevel=2)
-    return build_random(family)
+    return build_random(family, num_frames=overrides.get("num_frames"), height=overrides.get("height"),
+                        width=overrides.get("width"))

@@ -1,0 +1,336 @@
+"""Bad inputs through the real CLI entry point: exit code 2, one ``error:`` line naming the culprit, no
+traceback, and nothing that existed before is touched."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import re
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from trl_video import cli, plugins
+from trl_video.data import save_offline_latents
+from trl_video.plugins import DISABLE_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+#: the latent shape of tiny-wan-random: 8 channels, 9 frames -> 5, 32 px -> 8
+TINY_WAN_LATENT = (8, 5, 8, 8)
+#: a tqdm meter ("train:   0%|    | 0/1 [00:00<?, ?it/s]", "Generating train split: 121 examples [00:00, 9.1
+#: examples/s]"): library progress output on stderr, not an error line
+METER = re.compile(r"[^\r\n]*?\[\d+:\d+(?:<|, )[^\]]*\]")
+#: cursor movements tqdm emits when an earlier bar in this process was never closed
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+FAST: dict[str, Any] = {
+    "model": "tiny-wan-random",
+    "method": "refl",
+    "reward": "luminance",
+    "sampler_args": {"num_steps": 2, "grad_steps": 1},
+    "prompts_per_step": 2,
+    "group_size": 1,
+    "max_steps": 1,
+    "report_to": "none",
+    "save_model_at_end": False,
+}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+@pytest.fixture(scope="module")
+def reward_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throwaway module with dotted-path rewards (latent space: no VAE decode, so the tests stay fast)."""
+    folder = tmp_path_factory.mktemp("rewardmod")
+    name = f"trlv_bad_rewards_{uuid.uuid4().hex[:8]}"
+    (folder / f"{name}.py").write_text(textwrap.dedent("""
+        def latent_energy(inputs, prompts):
+            return -(inputs.float() ** 2).flatten(1).mean(1)
+
+        latent_energy.space = "latent"
+        latent_energy.differentiable = True
+
+        def nan_reward(inputs, prompts):
+            return float("nan")
+
+        nan_reward.space = "latent"
+        nan_reward.differentiable = True
+    """))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(folder))
+        yield name
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    import datasets
+
+    # datasets reads its cache root at call time: keep the json/world caches out of ~/.cache
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_datasets_cache"))
+
+
+def write_recipe(path: Path, **overrides: Any) -> Path:
+    path.write_text(yaml.safe_dump({**FAST, **overrides}, sort_keys=False))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int, int]]:
+    """relative path -> (sha256, size, mtime_ns) of every file under ``folder``."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(folder))] = (hashlib.sha256(p.read_bytes()).hexdigest(), st.st_size,
+                                               st.st_mtime_ns)
+    return out
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], argv: list[Any]) -> tuple[int, str, str]:
+    gc.collect()  # progress bars left open by earlier failures print when collected: not this run's output
+    capsys.readouterr()  # drop whatever the test's own setup printed
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *culprits: str, glued_ok: bool = False) -> str:
+    """Exit code 2 and exactly one non-progress stderr line, starting with "error:" and naming ``culprits``.
+
+    ``glued_ok``: tolerate a progress meter left unterminated right before the error on the same line.
+    """
+    assert code == 2, f"exit code {code}, stderr:\n{err}"
+    assert "Traceback" not in err, err
+    lines = []
+    for raw in ANSI.sub("", err).splitlines():
+        rest = METER.sub("", raw).strip()
+        if rest:
+            assert glued_ok or rest == raw.strip(), f"error glued to a progress bar: {raw!r}"
+            lines.append(rest)
+    assert len(lines) == 1, f"expected exactly one stderr line, got {len(lines)}:\n{err}"
+    line = lines[0]
+    assert line.startswith("error: "), line
+    for c in culprits:
+        assert c in line, f"{c!r} not named in: {line}"
+    return line
+
+
+def train_argv(recipe: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--recipe", str(recipe), "--output-dir", str(out), *extra]
+
+
+# ------------------------------------------------------------------------------------------------ recipe-level
+@pytest.mark.parametrize(
+    ("recipe_extra", "culprits"),
+    [
+        pytest.param({"lerning_rate": 1e-3}, ["unknown key 'lerning_rate'", "did you mean 'learning_rate'"],
+                     id="unknown-key"),
+        pytest.param({"max_steps": "ten"}, ["'max_steps'", "int"], id="wrong-type-int"),
+        pytest.param({"use_lora": "yes"}, ["'use_lora'", "bool"], id="wrong-type-bool"),
+        pytest.param({"learning_rate": "fast"}, ["'learning_rate'", "float"], id="wrong-type-float-string"),
+        pytest.param({"group_size": 0}, ["group_size", ">= 1"], id="group-size-zero"),
+        pytest.param({"mixed_precision": "fp8"}, ["mixed_precision", "fp8"], id="bad-mixed-precision"),
+        pytest.param({"method": "reflx"}, ["unknown method 'reflx'", "did you mean 'refl'"], id="unknown-method"),
+        pytest.param({"reward": "lumnance"}, ["unknown reward 'lumnance'", "did you mean 'luminance'"],
+                     id="unknown-reward"),
+        pytest.param({"reward": "trlv_no_such_module_xyz:score"}, ["trlv_no_such_module_xyz"],
+                     id="dotted-reward-not-importable"),
+        pytest.param({"sampler": "windw"}, ["unknown sampler 'windw'", "did you mean 'window'"],
+                     id="unknown-sampler"),
+        pytest.param({"method_args": {"kl_wieght": 0.1}},
+                     ["method_args (refl)", "unknown key 'kl_wieght'", "did you mean 'kl_weight'"],
+                     id="unknown-method-arg"),
+    ],
+)
+def test_bad_recipe_values(tmp_path: Path, capsys: pytest.CaptureFixture[str], recipe_extra: dict[str, Any],
+                           culprits: list[str]) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", **recipe_extra)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, train_argv(recipe, out))
+    assert_one_line_error(code, err, *culprits)
+    assert not out.exists()
+
+
+def test_method_of_an_uninstalled_plugin(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # vidrl-plugin-velr may be installed in this environment: hide it the way a user would
+    # (TRL_VIDEO_DISABLED_PLUGINS) and rebuild the process-wide registry; monkeypatch restores the cached one
+    monkeypatch.setenv(DISABLE_ENV, "velr,vidrl-plugin-velr,vidrl_plugin_velr")
+    monkeypatch.setattr(plugins, "_DEFAULT", None)
+    recipe = write_recipe(tmp_path / "recipe.yaml", method="velr")
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, "unknown method 'velr'", "pip install vidrl-plugin-velr")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sampler_start_range_beyond_num_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml",
+                          sampler_args={"num_steps": 2, "grad_steps": 1, "start_range": [15, 25]})
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, "start_range")
+
+
+def test_recipe_file_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope" / "recipe.yaml"
+    code, _, err = run_cli(capsys, train_argv(missing, tmp_path / "out"))
+    assert_one_line_error(code, err, "recipe not found", str(missing))
+
+
+def test_recipe_not_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("model: tiny-wan-random\nsampler_args: {num_steps: 2\nmax_steps: [1\n")
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, str(recipe), "not valid YAML")
+    assert snapshot(tmp_path) == before
+
+
+def test_recipe_not_a_mapping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "list.yaml"
+    recipe.write_text("- model: tiny-wan-random\n- max_steps: 1\n")
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, str(recipe), "must be a mapping", "list")
+
+
+@pytest.mark.parametrize(("item", "culprits"), [("max_steps", ["--set 'max_steps'", "key=value"]),
+                                                ("model.depth=3", ["--set 'model.depth=3'", "'model'"])])
+def test_bad_set_override(tmp_path: Path, capsys: pytest.CaptureFixture[str], item: str,
+                          culprits: list[str]) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml")
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out", "--set", item))
+    assert_one_line_error(code, err, *culprits)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_prompts_file_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing_prompts.jsonl"
+    recipe = write_recipe(tmp_path / "recipe.yaml", prompts=str(missing))
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, "prompts", str(missing))
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompts_file_without_prompt_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "a red circle moving left on a dark background"}\n'
+                       '{"text": "a blue square moving up on a light background"}\n')
+    recipe = write_recipe(tmp_path / "recipe.yaml", prompts=str(prompts))
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, str(prompts), "no column 'prompt'", "text")
+    assert not (tmp_path / "out").exists()
+    after = snapshot(tmp_path)
+    assert {k: after[k] for k in before} == before
+
+
+def test_offline_latents_folder_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no_latents"
+    recipe = write_recipe(tmp_path / "recipe.yaml", offline_latents=str(missing))
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, "offline_latents", str(missing))
+    assert not missing.exists() and not (tmp_path / "out").exists()
+
+
+def test_offline_latents_wrong_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lat = tmp_path / "latents"
+    save_offline_latents(str(lat), ["a red circle moving left on a dark background"] * 2, torch.zeros(2, 4, 2, 8, 8))
+    recipe = write_recipe(tmp_path / "recipe.yaml", offline_latents=str(lat))
+    before = snapshot(lat)
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, "offline_latents", str(lat), "(4, 2, 8, 8)", str(TINY_WAN_LATENT))
+    assert snapshot(lat) == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_reward_names_the_reward(tmp_path: Path, capsys: pytest.CaptureFixture[str], reward_module: str) -> None:
+    name = f"{reward_module}:nan_reward"
+    recipe = write_recipe(tmp_path / "recipe.yaml", reward=name)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, train_argv(recipe, out))
+    # glued_ok: see test_error_is_not_glued_to_the_progress_bar
+    assert_one_line_error(code, err, f"reward '{name}'", "NaN", glued_ok=True)
+    assert not list(out.glob("checkpoint-*")) and not (out / "model").exists()
+
+
+def test_error_is_not_glued_to_the_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                reward_module: str) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", reward=f"{reward_module}:nan_reward")
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, "nan_reward")
+
+
+# ------------------------------------------------------------------------------------------------ existing outputs
+def test_existing_checkpoint_is_never_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  reward_module: str) -> None:
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "recipe.yaml", reward=f"{reward_module}:latent_energy")
+    code, stdout, err = run_cli(capsys, train_argv(recipe, out))
+    assert code == 0, err
+    assert "done: 1 steps" in stdout
+    assert (out / "checkpoint-1" / "trainer_state.json").exists()
+    before = snapshot(out)
+    assert len(before) >= 5
+    code, _, err = run_cli(capsys, train_argv(recipe, out))
+    line = assert_one_line_error(code, err, str(out), "checkpoint-1", "--resume")
+    assert "nothing was changed" in line
+    assert snapshot(out) == before
+
+
+def test_encode_out_exists(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    existing = tmp_path / "latents_out"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("precious")
+    (tmp_path / "videos").mkdir()
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, ["encode", "--videos", tmp_path / "videos", "--model", "tiny-wan-random",
+                                    "--out", existing])
+    assert_one_line_error(code, err, "--out", str(existing), "already exists")
+    assert snapshot(tmp_path) == before
+
+
+def test_eval_checkpoint_without_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ck = tmp_path / "run"
+    (ck / "checkpoint-3").mkdir(parents=True)
+    (ck / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = snapshot(ck)
+    code, _, err = run_cli(capsys, ["eval", "--checkpoint", ck, "--num-prompts", "1", "--num-steps", "1"])
+    assert_one_line_error(code, err, "--checkpoint", str(ck), "no saved model")
+    assert snapshot(ck) == before
+    assert not (ck / "eval").exists()
+
+
+def test_push_checkpoint_without_model_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ck = tmp_path / "run"
+    (ck / "model" / "transformer").mkdir(parents=True)
+    (ck / "model" / "transformer" / "config.json").write_text("{}")
+    before = snapshot(ck)
+    code, _, err = run_cli(capsys, ["push", "--checkpoint", ck, "--repo-id", "user/x",
+                                    "--endpoint", "http://127.0.0.1:9"])
+    assert_one_line_error(code, err, "--checkpoint", str(ck), "model_index.json")
+    assert snapshot(ck) == before
+
+
+# ------------------------------------------------------------------------------------------------ dry runs
+def test_dry_run_quickstart(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, ["train", "--recipe", REPO / "recipes" / "quickstart.yaml", "--dry-run"])
+    assert code == 0, err
+    assert "valid" in out and "method    refl" in out and "window" in out
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_dry_run_refl_wan_names_missing_prompts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # refl_wan.yaml names a local prompts.jsonl the user brings; the dry run (no weights, no network) checks it
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, ["train", "--recipe", REPO / "recipes" / "refl_wan.yaml", "--dry-run"])
+    assert_one_line_error(code, err, "prompts", "prompts.jsonl", "not found")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a cat surfing"}\n')
+    code, out, err = run_cli(capsys, ["train", "--recipe", REPO / "recipes" / "refl_wan.yaml", "--dry-run"])
+    assert code == 0, err
+    assert "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in out and "kl_weight': 0.1" in out
