@@ -73,6 +73,16 @@ def transition_log_prob(ctx: TrainContext, net: Any, x_t: Tensor, x_s: Tensor, t
     return gaussian_log_prob(x_s, mean, std)
 
 
+def _check_stochastic_steps(steps: list[int], num_steps: int, key: str) -> None:
+    """The last step lands on t=0 where the posterior variance is 0: it cannot be stochastic."""
+    bad = [i for i in steps if not 0 <= i < num_steps - 1]
+    if bad:
+        from ..errors import TrlVideoError
+
+        raise TrlVideoError(f"sampler_args.{key} must be step indices in [0, num_steps - 1 = {num_steps - 1}), "
+                            f"got {bad}")
+
+
 class Sampler:
     name = "base"
 
@@ -103,6 +113,8 @@ class ODESampler(Sampler):
         super().__init__(num_steps, behaviour, record_trajectory)
         self.eta = eta
         self.sde_steps = sde_steps
+        if isinstance(sde_steps, list):
+            _check_stochastic_steps(sde_steps, num_steps, "sde_steps")
 
     def stochastic(self, i: int) -> bool:
         if self.eta <= 0:
@@ -187,6 +199,7 @@ class BranchSampler(ODESampler):
                  branch_steps: list[int] | None = None):
         super().__init__(num_steps, behaviour, record_trajectory, eta, None)
         self.branch_steps = branch_steps or list(range(0, max(1, num_steps - 1)))
+        _check_stochastic_steps(self.branch_steps, num_steps, "branch_steps")
 
     @torch.no_grad()
     def sample(self, ctx: TrainContext, prompts: list[str], embeds: Tensor, group_ids: Tensor) -> Rollouts:
@@ -194,10 +207,13 @@ class BranchSampler(ODESampler):
         g = torch.Generator().manual_seed(ctx.config.seed * 7919 + ctx.step)
         b = self.branch_steps[int(torch.randint(len(self.branch_steps), (1,), generator=g))]
         self.sde_steps = [b]
-        uniq, first = _first_index(group_ids)
-        base = self.initial_noise(ctx, len(uniq))
-        noise = base[first]  # every member of a group starts from its group's noise
-        self._noise = noise
+        # every member of a group starts from its group's noise, seeded by (seed, step, group id) so that
+        # members on different processes share it too
+        shape = ctx.policy.latent_shape
+        self._noise = torch.stack([
+            torch.randn(*shape, generator=torch.Generator().manual_seed(
+                (ctx.config.seed * 1_000_003 + ctx.step) * 10_007 + int(gid)))
+            for gid in group_ids.tolist()]).to(ctx.device)
         out = super().sample(ctx, prompts, embeds, group_ids)
         out.extras["branch_step"] = torch.full((len(prompts),), b, dtype=torch.long)
         return out
@@ -208,11 +224,6 @@ class BranchSampler(ODESampler):
             self._noise = None
             return pre
         return super().initial_noise(ctx, n)
-
-
-def _first_index(group_ids: Tensor) -> tuple[Tensor, Tensor]:
-    uniq, inverse = torch.unique(group_ids, return_inverse=True)
-    return uniq, inverse
 
 
 class WindowGradSampler(Sampler):

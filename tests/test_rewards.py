@@ -1,0 +1,168 @@
+"""Built-in rewards on hand-made videos: constant colours (closed forms) and ground-truth world clips."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from trl_video import world
+from trl_video.components.rewards import AlignmentReward, LuminanceReward, MotionReward, WeightedSum
+
+F, S = world.NUM_FRAMES, world.SIZE
+W601 = (0.299, 0.587, 0.114)
+
+
+def constant_video(rgb, b: int = 1, f: int = F) -> torch.Tensor:
+    return torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1, 1).expand(b, 3, f, S, S).clone()
+
+
+def clip(text: str, seed: int = 0) -> torch.Tensor:
+    return world.render_batch([text], [seed])
+
+
+# ------------------------------------------------------------------------------------------------ luminance
+def test_luminance_constant_grey_closed_form():
+    lum = LuminanceReward()
+    for v in (-1.0, -0.5, 0.0, 0.3, 1.0):
+        r = lum(constant_video((v, v, v)), ["x"])
+        assert r.shape == (1,)
+        assert abs(float(r) - (v + 1) / 2) < 1e-6  # BT.601 weights sum to 1
+
+
+def test_luminance_constant_colour_closed_form():
+    lum = LuminanceReward()
+    for rgb in [(0.9, -0.8, -0.8), (-0.8, 0.8, -0.8), (-0.8, -0.6, 0.9), (0.2, 0.4, -0.1)]:
+        ref = sum(w * (c + 1) / 2 for w, c in zip(W601, rgb))
+        assert abs(float(lum(constant_video(rgb), ["x"])) - ref) < 1e-6
+    # pure green is brighter than pure blue (0.587 vs 0.114)
+    g = float(lum(constant_video((-1, 1, -1)), ["x"]))
+    b = float(lum(constant_video((-1, -1, 1)), ["x"]))
+    assert abs(g - 0.587) < 1e-6 and abs(b - 0.114) < 1e-6
+
+
+def test_luminance_bright_clip_beats_dark_clip():
+    lum = LuminanceReward()
+    bright = world.render_batch(["a yellow square moving left on a light background"] * 3, [0, 1, 2])
+    dark = world.render_batch(["a blue circle moving left on a dark background"] * 3, [0, 1, 2])
+    rb, rd = lum(bright, ["p"] * 3), lum(dark, ["p"] * 3)
+    assert (rb > rd + 0.3).all(), (rb, rd)
+    # independent per-pixel computation on one clip
+    v = bright[0].double()
+    ref = sum(w * (v[c] + 1) / 2 for c, w in enumerate(W601)).mean()
+    assert abs(float(rb[0]) - float(ref)) < 1e-5
+
+
+def test_luminance_gradient_closed_form():
+    v = torch.zeros(1, 3, 2, 4, 4, requires_grad=True)
+    LuminanceReward()(v, ["x"]).sum().backward()
+    n = 2 * 4 * 4
+    for c, w in enumerate(W601):
+        torch.testing.assert_close(v.grad[0, c], torch.full((2, 4, 4), w / 2 / n))
+
+
+# ------------------------------------------------------------------------------------------------ motion
+def test_motion_zero_for_static_clip():
+    mot = MotionReward()
+    frame0 = clip("a red circle moving right on a gray background")[:, :, :1]
+    static = frame0.expand(-1, -1, F, -1, -1).contiguous()
+    assert float(mot(static, ["p"])) == 0.0
+    assert float(mot(constant_video((0.1, 0.2, 0.3)), ["p"])) == 0.0
+    assert float(mot(static[:, :, :1], ["p"])) == 0.0  # one frame: no motion
+
+
+def test_motion_positive_for_moving_clip():
+    mot = MotionReward()
+    texts = [f"a {c} {s} moving {m} on a dark background" for c, s, m in
+             [("red", "circle", "left"), ("cyan", "square", "down"), ("yellow", "circle", "up")]]
+    moving = world.render_batch(texts, [1, 2, 3])
+    r = mot(moving, texts)
+    assert (r > 1e-3).all(), r
+
+
+def test_motion_closed_form_alternating_frames():
+    a, b = -0.2, 0.5
+    v = constant_video((a, a, a), f=5)
+    v[:, :, 1::2] = b
+    assert abs(float(MotionReward()(v, ["p"])) - abs(a - b)) < 1e-6
+    # a ramp of step d per frame: motion = d
+    ramp = torch.linspace(-1, 1, 5).view(1, 1, 5, 1, 1).expand(2, 3, 5, 4, 4)
+    torch.testing.assert_close(MotionReward()(ramp, ["p", "q"]), torch.full((2,), 0.5))
+
+
+# ------------------------------------------------------------------------------------------------ alignment
+def _margins(attr: str, options) -> list[float]:
+    reward = AlignmentReward()
+    out = []
+    for i, cap in enumerate(world.all_captions()):
+        v = torch.from_numpy(world.render(cap, 7919 * i + 3))[None]
+        alts = [dataclasses.replace(cap, **{attr: o}).text for o in options if o != getattr(cap, attr)]
+        prompts = [cap.text, *alts]
+        r = reward(v.expand(len(prompts), -1, -1, -1, -1), prompts)
+        out += (r[0] - r[1:]).tolist()
+    return out
+
+
+@pytest.mark.parametrize("attr,options,min_rate", [
+    ("color", list(world.COLORS), 1.0),
+    ("motion", list(world.MOTIONS), 1.0),
+    ("shape", list(world.SHAPES), 0.9),
+    ("background", list(world.BACKGROUNDS), 1.0),
+])
+def test_alignment_prefers_the_true_caption(attr, options, min_rate):
+    margins = _margins(attr, options)
+    n_alt = len(options) - 1
+    assert len(margins) == 144 * n_alt
+    rate = sum(m > 0 for m in margins) / len(margins)
+    assert rate >= min_rate, (attr, rate, min(margins))
+
+
+def test_alignment_components_signs():
+    reward = AlignmentReward()
+    text = "a green square moving down on a light background"
+    v = clip(text, 5)
+    comps = reward.components(v, [text])
+    assert float(comps["color"][0]) > 0.3
+    assert float(comps["motion"][0]) > 0.5  # 8 frames * 1.6 px = 12.8 px down: tanh(12.8 / 6)
+    assert float(comps["shape"][0]) > 0
+    wrong_motion = reward.components(v, ["a green square moving up on a light background"])
+    assert abs(float(wrong_motion["motion"][0]) + float(comps["motion"][0])) < 1e-5  # exactly the opposite sign
+    wrong_shape = reward.components(v, ["a green circle moving down on a light background"])
+    assert abs(float(wrong_shape["shape"][0]) + float(comps["shape"][0])) < 1e-5
+    # weighted sum of the components
+    wc, wb, wm, ws = reward.weights
+    ref = wc * comps["color"] + wb * comps["background"] + wm * comps["motion"] + ws * comps["shape"]
+    torch.testing.assert_close(reward(v, [text]), ref)
+
+
+def test_alignment_non_caption_scores_zero():
+    v = clip("a red circle moving left on a dark background")
+    assert float(AlignmentReward()(v, ["a photo of a cat"])) == 0.0
+
+
+def test_alignment_is_differentiable():
+    reward = AlignmentReward()
+    texts = ["a magenta circle moving right on a gray background", "a blue square moving up on a dark background"]
+    gt = world.render_batch(texts, [11, 12])
+    # a noisy version of the ground truth, so the reward is not saturated
+    g = torch.Generator().manual_seed(0)
+    x = (gt + 0.3 * torch.randn(gt.shape, generator=g)).clamp(-1, 1).requires_grad_(True)
+    r = reward(x, texts)
+    r.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert x.grad.abs().sum() > 0
+    assert (x.grad[0].abs().sum() > 0) and (x.grad[1].abs().sum() > 0)
+    # the gradient is an ascent direction (first-order check)
+    with torch.no_grad():
+        step = 1e-2 * x.grad / x.grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1, 1)
+        r2 = reward(x + step, texts)
+    assert (r2 > r.detach()).all(), (r, r2)
+
+
+def test_weighted_sum_of_rewards():
+    v = clip("a red circle moving left on a dark background")
+    lum, mot = LuminanceReward(), MotionReward()
+    mix = WeightedSum({"luminance": (lum, 2.0), "motion": (mot, -0.5)})
+    torch.testing.assert_close(mix(v, ["p"]), 2.0 * lum(v, ["p"]) - 0.5 * mot(v, ["p"]))
+    assert mix.space == "pixel" and mix.differentiable
