@@ -1,0 +1,108 @@
+"""The three roles inside the real trainer on tiny-wan-random (one or two steps, tiny batches)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from trl_video.components.base import Phase
+from trl_video.config import config_from_dict
+from trl_video.data import save_offline_latents
+from trl_video.models.policy import load_policy
+from trl_video.trainer import VideoRewardTrainer
+from trl_video.world import render_batch
+
+warnings.filterwarnings("ignore")
+
+
+def _config(tmp_path, **kw):
+    base = dict(model="tiny-wan-random", method="dmalign", reward="alignment", prompts_per_step=2, group_size=2,
+                max_steps=1, output_dir=str(tmp_path / "out"), report_to="none", save_model_at_end=False,
+                learning_rate=1e-3)
+    base.update(kw)
+    return config_from_dict(base)
+
+
+def test_fake_updated_n_times_per_generator_step_and_never_by_generator_loss(tmp_path):
+    tr = VideoRewardTrainer(_config(tmp_path, method_args={"align": "group", "fake_updates": 5}))
+    assert set(tr.groups) == {"policy", "fake"}
+    loss = tr.loss
+    phases = loss.phases(0)
+    assert [(p.name, p.groups, p.repeats, p.uses_graph) for p in phases] == [
+        ("fake", ("fake",), 5, False), ("generator", ("policy",), 1, True)]
+    # the fake model is a copy of the teacher: no LoRA layers of the generator, all its weights trainable
+    assert not any("lora" in n for n, _ in loss.fake.named_parameters())
+    assert all(p.requires_grad for p in loss.fake.parameters())
+    steps = {"policy": 0, "fake": 0}
+    for name, opt in tr.optimizers.items():
+        orig = opt.step
+
+        def counted(*a, _name=name, _orig=orig, **k):
+            steps[_name] += 1
+            return _orig(*a, **k)
+
+        opt.step = counted
+    fake_before = [p.detach().clone() for p in loss.fake.parameters()]
+    pol_before = [p.detach().clone() for p in tr.policy.trainable_parameters()]
+    m = tr.training_step()
+    assert steps == {"policy": 1, "fake": 5}
+    assert loss.fake_calls == 5 and loss.generator_calls == 1
+    assert any(not torch.equal(a, b) for a, b in zip(fake_before, loss.fake.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(pol_before, tr.policy.trainable_parameters()))
+    assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
+
+    # gradients: the generator loss never reaches the fake model; the fake loss never reaches the generator
+    with torch.enable_grad():
+        batch = tr._fresh_rollouts()
+    assert batch.latents.requires_grad  # the sampler kept the K-step graph for the generator phase
+    out, _ = loss.compute(tr.ctx, Phase("generator", groups=("policy",)), batch)
+    out.backward()
+    assert all(p.grad is None for p in loss.fake.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.policy.trainable_parameters())
+    for p in tr.policy.trainable_parameters():
+        p.grad = None
+    out, _ = loss.compute(tr.ctx, Phase("fake", groups=("fake",), uses_graph=False), batch.detach())
+    out.backward()
+    assert all(p.grad is None for p in tr.policy.trainable_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in loss.fake.parameters())
+
+
+def test_pair_end_to_end_with_preferred_world_latents(tmp_path):
+    """One DM-Pair step: preferred latents = ground-truth world clips encoded with the VAE, matched by caption."""
+    policy = load_policy("tiny-wan-random")
+    caps = ["a red circle moving left on a dark background", "a blue square moving up on a light background"]
+    clips = render_batch(caps * 2, [0, 1, 2, 3])
+    with torch.no_grad():
+        lat = policy.encode_video(clips)
+    save_offline_latents(str(tmp_path / "pref"), caps * 2, lat, source="real")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": c}) + "\n" for c in caps))
+    cfg = _config(tmp_path, prompts=str(tmp_path / "prompts.jsonl"), offline_latents=str(tmp_path / "pref"),
+                  use_lora=False, method_args={"align": "pair", "fake_updates": 2}, save_model_at_end=True)
+    tr = VideoRewardTrainer(cfg, policy=policy)
+    assert tr.policy._frozen_reference is not None  # full fine-tuning: the real model is a frozen copy
+    res = tr.train()
+    row = tr.history[-1]
+    assert row["generator/pair_matched"] == 1.0
+    assert row["loss/generator"] > 0 and row["loss/fake"] > 0
+    assert (tmp_path / "out" / "model" / "model_index.json").exists()
+    assert res["global_step"] == 1
+
+
+def test_pair_without_offline_latents_is_a_clear_error(tmp_path):
+    from trl_video.errors import TrlVideoError
+
+    with pytest.raises(TrlVideoError, match="offline_latents"):
+        VideoRewardTrainer(_config(tmp_path, method_args={"align": "pair"}))
+
+
+def test_checkpoint_resume_restores_fake_model(tmp_path):
+    cfg = _config(tmp_path, max_steps=1, method_args={"align": "none", "fake_updates": 1})
+    tr = VideoRewardTrainer(cfg)
+    tr.train()
+    saved = [p.detach().clone() for p in tr.loss.fake.parameters()]
+    cfg2 = _config(tmp_path, max_steps=1, method_args={"align": "none", "fake_updates": 1})
+    tr2 = VideoRewardTrainer(cfg2, resume=True)
+    tr2.load_checkpoint(tr2.resume_from)
+    assert all(torch.equal(a, b) for a, b in zip(saved, tr2.loss.fake.parameters()))

@@ -1,0 +1,320 @@
+"""DM-Align experiments on the CPU world (``trl-video bench dmalign <what> [options]``).
+
+* ``baselines``: the teacher at 50 ODE steps (two independent seed sets: the MMD noise floor), the teacher at 4 ODE
+  steps and the teacher run as a 4-step ``fewstep`` generator (= the student at initialisation).
+* ``train --variant dmd|pair|group``: trains the 4-step student with DM-Align through ``VideoRewardTrainer`` and
+  evaluates it like the baselines.
+* ``table``: the paper-Table-1-style comparison of everything measured so far (markdown).
+* ``memory``: parameter / optimiser memory of the three roles (tiny-wan measured; Wan2.1-1.3B from its config
+  instantiated on the meta device).
+
+Distances: unbiased MMD^2 with an RBF kernel on flattened normalised latents (bandwidth = median pairwise distance
+of the teacher-50 set, fixed for every comparison), against (a) the teacher's 50-step distribution (distillation)
+and (b) the preferred set (ground-truth world clips encoded with the VAE, the Pair target). Reward: the built-in
+differentiable ``alignment`` reward on decoded clips (ground truth scores about 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = "out/dmalign_experiments"
+K = 4
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+def _noise(policy: Any, seeds: list[int], salt: int = 0) -> torch.Tensor:
+    return torch.stack([torch.randn(*policy.latent_shape, generator=torch.Generator().manual_seed(s * 1009 + salt))
+                        for s in seeds])
+
+
+@torch.no_grad()
+def ode_samples(policy: Any, prompts: list[str], seeds: list[int], num_steps: int, net: Any = None,
+                bs: int = 64) -> torch.Tensor:
+    """Euler ODE (the teacher's sampler) on the policy's (shifted) grid."""
+    sch = policy.schedule
+    grid = sch.timesteps(num_steps)
+    out = []
+    for i in range(0, len(prompts), bs):
+        ps, ss = prompts[i:i + bs], seeds[i:i + bs]
+        x = _noise(policy, ss)
+        emb, _ = policy.encode_prompts(ps)
+        for k in range(num_steps):
+            t, s = grid[k], grid[k + 1]
+            native = policy.predict(x, t.expand(len(ps)), emb, transformer=net)
+            x, _ = sch.ddim_step(sch.to_x0(native, x, t), sch.to_eps(native, x, t), t, s)
+        out.append(x)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def fewstep_samples(policy: Any, prompts: list[str], seeds: list[int], num_steps: int = K, net: Any = None,
+                    bs: int = 64) -> torch.Tensor:
+    """The core ``fewstep`` sampler's rule (predict x0, re-noise to the next of the K uniform timesteps) with
+    per-seed noise, so every model is evaluated on the same noises."""
+    sch = policy.schedule
+    ts = [1.0 - k / num_steps for k in range(num_steps)] + [0.0]
+    out = []
+    for i in range(0, len(prompts), bs):
+        ps, ss = prompts[i:i + bs], seeds[i:i + bs]
+        x = _noise(policy, ss)
+        emb, _ = policy.encode_prompts(ps)
+        for k in range(num_steps):
+            t = torch.full((len(ps),), ts[k])
+            x0 = sch.to_x0(policy.predict(x, t, emb, transformer=net), x, t)
+            if k + 1 < num_steps:
+                x = sch.add_noise(x0, _noise(policy, ss, salt=k + 1), torch.full((len(ps),), ts[k + 1]))
+        out.append(x0)
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def _sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(a.flatten(1).double(), b.flatten(1).double()).pow(2)
+
+
+def median_bandwidth(x: torch.Tensor) -> float:
+    d = _sqdist(x, x)
+    return float(d[~torch.eye(len(x), dtype=torch.bool)].median().sqrt())
+
+
+def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> float:
+    """Unbiased MMD^2 with k(a, b) = exp(-|a - b|^2 / (2 h^2))."""
+    g = 2 * bandwidth**2
+    kxx, kyy, kxy = (-_sqdist(x, x) / g).exp(), (-_sqdist(y, y) / g).exp(), (-_sqdist(x, y) / g).exp()
+    n, m = len(x), len(y)
+    sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+    syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return float(sxx + syy - 2 * kxy.mean())
+
+
+@torch.no_grad()
+def alignment_reward(policy: Any, latents: torch.Tensor, prompts: list[str], bs: int = 64) -> float:
+    from trl_video.components.rewards import AlignmentReward
+
+    rew = AlignmentReward()
+    vals = [rew(policy.decode(latents[i:i + bs]), prompts[i:i + bs]) for i in range(0, len(latents), bs)]
+    return float(torch.cat(vals).mean())
+
+
+# ------------------------------------------------------------------------------------------------ data
+def eval_set(n_prompts: int = 48, per_prompt: int = 2, seed: int = 4242) -> tuple[list[str], list[int]]:
+    from trl_video import world
+
+    recs = world.world_examples("train", n_prompts, seed=seed)
+    prompts = [r["prompt"] for r in recs for _ in range(per_prompt)]
+    seeds = [seed * 100_000 + i for i in range(len(prompts))]
+    return prompts, seeds
+
+
+@torch.no_grad()
+def encode_world(policy: Any, prompts: list[str], seeds: list[int], bs: int = 32) -> torch.Tensor:
+    from trl_video.world import render_batch
+
+    return torch.cat([policy.encode_video(render_batch(prompts[i:i + bs], seeds[i:i + bs]))
+                      for i in range(0, len(prompts), bs)])
+
+
+def build_preferred_set(policy: Any, out: str, n: int = 480, seed: int = 77) -> str:
+    """Ground-truth world clips of the train captions encoded with the VAE: the DM-Pair preferred latents."""
+    from trl_video import world
+    from trl_video.data import save_offline_latents
+
+    if Path(out, "dataset_info.json").exists():
+        return out
+    recs = world.world_examples("train", n, seed=seed)
+    prompts, seeds = [r["prompt"] for r in recs], [r["seed"] for r in recs]
+    save_offline_latents(out, prompts, encode_world(policy, prompts, seeds), source="real")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ experiments
+def _ref_sets(policy: Any, root: Path) -> dict[str, torch.Tensor]:
+    """Teacher-50 reference set and ground-truth (preferred) eval set, cached on disk."""
+    cache = root / "reference_sets.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
+    prompts, seeds = eval_set()
+    t50 = ode_samples(policy, prompts, seeds, 50)  # called on the freshly loaded teacher
+    t50b = ode_samples(policy, prompts, [s + 1 for s in seeds], 50)
+    gt = encode_world(policy, prompts, [s + 7 for s in seeds])
+    sets = {"teacher50": t50, "teacher50_b": t50b, "gt": gt}
+    torch.save(sets, cache)
+    return sets
+
+
+def evaluate_samples(policy: Any, lat: torch.Tensor, sets: dict[str, torch.Tensor], prompts: list[str]) -> dict:
+    h = median_bandwidth(sets["teacher50"])
+    return {"mmd2_teacher50": mmd2(lat, sets["teacher50"], h), "mmd2_preferred": mmd2(lat, sets["gt"], h),
+            "reward_alignment": alignment_reward(policy, lat, prompts), "bandwidth": h, "n": len(lat)}
+
+
+def run_baselines(model: str, root: Path) -> dict:
+    from trl_video.models.policy import load_policy
+
+    policy = load_policy(model)
+    sets = _ref_sets(policy, root)
+    prompts, seeds = eval_set()
+    res = {"teacher50 (indep. seeds, noise floor)": {"nfe": 50, **evaluate_samples(policy, sets["teacher50_b"], sets,
+                                                                                      prompts)},
+           "teacher ODE 4-step": {"nfe": 4, **evaluate_samples(policy, ode_samples(policy, prompts, seeds, 4), sets,
+                                                                 prompts)},
+           "teacher fewstep 4 (student init)": {"nfe": 4, **evaluate_samples(
+               policy, fewstep_samples(policy, prompts, seeds), sets, prompts)},
+           "ground truth (preferred)": {"nfe": 0, **evaluate_samples(policy, sets["gt"], sets, prompts)}}
+    return res
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "dmd": {"method_args": {"align": "none", "align_weight": 0.0}},
+    "pair": {"method_args": {"align": "pair"}},
+    "group": {"method_args": {"align": "group", "top_n": 2}, "prompts_per_step": 2, "group_size": 4},
+}
+
+
+def run_training(model: str, variant: str, steps: int, root: Path, lr: float, seed: int = 0,
+                 fake_lr: float | None = None) -> dict:
+    from trl_video.config import config_from_dict
+    from trl_video.models.policy import load_policy
+    from trl_video.trainer import VideoRewardTrainer
+
+    policy = load_policy(model)
+    sets = _ref_sets(policy, root)
+    rec: dict[str, Any] = dict(model=model, method="dmalign", reward="alignment", prompts="world:train",
+                               prompts_per_step=4, group_size=2, max_steps=steps, learning_rate=lr,
+                               use_lora=False, output_dir=str(root / f"run_{variant}_{int(time.time())}"),
+                               report_to="none", save_model_at_end=False, save_total_limit=1, seed=seed,
+                               logging_steps=10)
+    over = dict(VARIANTS[variant])
+    rec["method_args"] = dict(over.pop("method_args"), **({"fake_lr": fake_lr} if fake_lr else {}))
+    rec.update(over)
+    if variant == "pair":
+        rec["offline_latents"] = build_preferred_set(policy, str(root / "preferred_latents"))
+    t0 = time.time()
+    tr = VideoRewardTrainer(config_from_dict(rec), policy=policy)
+    tr.train()
+    secs = time.time() - t0
+    prompts, seeds = eval_set()
+    lat = fewstep_samples(tr.policy, prompts, seeds)
+    ev = evaluate_samples(tr.policy, lat, sets, prompts)
+    hist = tr.history
+    return {"nfe": K, "steps": steps, "train_seconds": round(secs, 1), "recipe": rec, **ev,
+            "train_reward_first": hist[0].get("reward_mean") if hist else None,
+            "train_reward_last": hist[-1].get("reward_mean") if hist else None}
+
+
+def role_memory_report(model: str) -> dict:
+    """Measured parameter memory of the roles for the tiny model (full fine-tuning and LoRA generator) and the
+    same accounting for Wan2.1-T2V-1.3B's transformer built from its config on the meta device."""
+    from trl_video.models.policy import load_policy
+
+    out: dict[str, Any] = {}
+    for lora in (False, True):
+        policy = load_policy(model)
+        if lora:
+            policy.add_lora(64 if "1.3" in model else 8)
+        else:
+            policy.transformer.requires_grad_(True)
+            policy.freeze_reference()
+        n_all = sum(p.numel() for p in policy.transformer.parameters())
+        n_tr = sum(p.numel() for p in policy.transformer.parameters() if p.requires_grad)
+        out[f"{model} ({'LoRA' if lora else 'full'} generator)"] = _accounting(n_all, n_tr, lora, bytes_=4)
+    try:
+        from diffusers import WanTransformer3DModel
+
+        with torch.device("meta"):
+            wan = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
+                                        in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
+                                        num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        eps=1e-6, rope_max_seq_len=1024)
+        n = sum(p.numel() for p in wan.parameters())
+        lora_n = 30 * 2 * 4 * 2 * 64 * 1536  # rank 64 on q,k,v,o of self- and cross-attention (1536 -> 1536)
+        out["Wan2.1-T2V-1.3B (full generator, fp32 weights)"] = _accounting(n, n, False, bytes_=4)
+        out["Wan2.1-T2V-1.3B (full generator, bf16 weights)"] = _accounting(n, n, False, bytes_=2)
+        out["Wan2.1-T2V-1.3B (LoRA-64 generator, bf16 weights)"] = _accounting(n + lora_n, lora_n, True, bytes_=2)
+    except Exception as exc:  # diffusers without Wan
+        out["Wan2.1-T2V-1.3B"] = f"unavailable: {exc}"
+    return out
+
+
+def _accounting(n_all: int, n_train: int, lora: bool, bytes_: int) -> dict:
+    """MiB per role: generator weights (+ its trainable part's grads and AdamW fp32 moments), real (0 extra with a
+    LoRA generator: adapter disabled; a frozen copy otherwise), fake (full trainable copy + grads + AdamW)."""
+    mib = 2**20
+    base = n_all - (n_train if lora else 0)
+    gen = n_all * bytes_ + n_train * (bytes_ + 8)
+    real = 0 if lora else base * bytes_
+    fake = base * (2 * bytes_ + 8)
+    return {"params_total": n_all, "params_trainable_generator": n_train,
+            "generator_MiB": round(gen / mib, 1), "real_extra_MiB": round(real / mib, 1),
+            "fake_MiB": round(fake / mib, 1), "total_MiB": round((gen + real + fake) / mib, 1),
+            "fake_share": round(fake / (gen + real + fake), 3)}
+
+
+def table(root: Path) -> str:
+    res = json.loads((root / "results.json").read_text()) if (root / "results.json").exists() else {}
+    rows = ["| model | NFE | MMD^2 to teacher-50 (lower = better distilled) | MMD^2 to preferred set | "
+            "alignment reward |", "|---|---|---|---|---|"]
+    for name, r in res.items():
+        if not isinstance(r, dict) or "mmd2_teacher50" not in r:
+            continue
+        rows.append(f"| {name} | {r['nfe']} | {r['mmd2_teacher50']:.4f} | {r['mmd2_preferred']:.4f} | "
+                    f"{r['reward_alignment']:.3f} |")
+    return "\n".join(rows)
+
+
+def _save(root: Path, updates: dict) -> None:
+    path = root / "results.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    res.update(updates)
+    path.write_text(json.dumps(res, indent=2, default=str))
+
+
+def bench_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="trl-video bench dmalign")
+    ap.add_argument("what", choices=["toy", "baselines", "train", "table", "memory", "preferred"])
+    ap.add_argument("--model", default="tiny-wan")
+    ap.add_argument("--variant", choices=list(VARIANTS), default="dmd")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--fake-lr", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(a.threads)
+    root = Path(a.out)
+    root.mkdir(parents=True, exist_ok=True)
+    if a.what == "toy":
+        from .toy import run, toy_table
+
+        res = run(str(root), steps=a.steps, lr=a.lr, seed=a.seed)
+        print(toy_table(res))
+        return 0
+    if a.what == "preferred":
+        from trl_video.models.policy import load_policy
+
+        print(build_preferred_set(load_policy(a.model), str(root / "preferred_latents")))
+        return 0
+    if a.what == "baselines":
+        _save(root, run_baselines(a.model, root))
+    elif a.what == "train":
+        name = {"dmd": "DMD only (align weight 0)", "pair": "DM-Align (Pair)", "group": "DM-Align (Group)"}[a.variant]
+        _save(root, {name + a.tag: run_training(a.model, a.variant, a.steps, root, a.lr, a.seed,
+                                                  a.fake_lr)})
+    elif a.what == "memory":
+        rep = role_memory_report(a.model)
+        _save(root, {"memory": rep})
+        print(json.dumps(rep, indent=2))
+        return 0
+    print(table(root))
+    return 0
