@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrlVideoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `trl-video plugins | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def train_vae(policy, *, iters: int, batch_size: int, lr: float, kl_weight: floa
     caps = world.captions("train")
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_with_warmup(warmup, iters))
-    history, l1_ema = [], None
+    history, l1_ema, fg_ema = [], None, None
     bar = _tqdm(iters, "VAE")
     for it in range(iters):
         x = _random_clips(rng, caps, batch_size)
@@ -118,7 +118,8 @@ def train_vae(policy, *, iters: int, batch_size: int, lr: float, kl_weight: floa
         rec = vae.decode(z).sample
         err = (rec - x).abs()
         l1 = err.mean()
-        w = 1.0 + fg_weight * _foreground(x)
+        fg = _foreground(x)
+        w = 1.0 + fg_weight * fg
         kl = 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).flatten(1).sum(1).mean()
         rec_loss = (w * (l1_weight * err + mse_weight * err.pow(2))).mean() / w.mean()
         loss = rec_loss + kl_weight * kl
@@ -127,16 +128,20 @@ def train_vae(policy, *, iters: int, batch_size: int, lr: float, kl_weight: floa
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
+        fg_l1 = ((err * fg).sum() / (3 * fg.sum()).clamp_min(1)).item()  # L1 on the shape's pixels only
         l1_ema = l1.item() if l1_ema is None else 0.95 * l1_ema + 0.05 * l1.item()
+        fg_ema = fg_l1 if fg_ema is None else 0.95 * fg_ema + 0.05 * fg_l1
         bar.update(1)
-        bar.set_postfix(l1=f"{l1_ema:.4f}", kl=f"{kl.item():.0f}")
+        bar.set_postfix(l1=f"{l1_ema:.4f}", fg_l1=f"{fg_ema:.3f}")
         if (it + 1) % log_every == 0 or it + 1 == iters:
-            history.append({"iter": it + 1, "l1": round(l1_ema, 5), "kl": round(kl.item(), 2)})
-            _log(f"[vae] iter {it + 1}/{iters} l1(ema) {l1_ema:.4f} kl {kl.item():.1f} lr {sched.get_last_lr()[0]:.2e}")
+            history.append({"iter": it + 1, "l1": round(l1_ema, 5), "fg_l1": round(fg_ema, 4), "kl": round(kl.item(), 2)})
+            _log(f"[vae] iter {it + 1}/{iters} l1(ema) {l1_ema:.4f} shape-pixel l1 {fg_ema:.3f} kl {kl.item():.1f} "
+                 f"lr {sched.get_last_lr()[0]:.2e}")
     bar.close()
     vae.requires_grad_(False)
     vae.eval()
-    return {"iters": iters, "final_l1_train_ema": round(float(l1_ema or 0.0), 5), "history": history}
+    return {"iters": iters, "final_l1_train_ema": round(float(l1_ema or 0.0), 5),
+            "final_shape_pixel_l1_train_ema": round(float(fg_ema or 0.0), 4), "history": history}
 
 
 @torch.no_grad()
