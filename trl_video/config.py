@@ -12,7 +12,9 @@ from typing import Any
 from .errors import TrlVideoError
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def doc_field(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with TRL-style ``metadata['help']``; list/dict defaults are copied per instance.
+    Plugins use it for their config dataclasses too."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -28,73 +30,73 @@ class VideoRewardConfig:
     """
 
     # ---- what to train
-    model: str = _f("tiny-wan", "Preset (tiny-wan, tiny-cogvideox, ...), local diffusers pipeline folder, or hub id.")
-    method: str = _f("refl", "Registered method name (`trl-video plugins` lists them), e.g. refl, fcrm, velr.")
-    method_args: dict[str, Any] = _f({}, "Fields of the method's config dataclass (see the plugin's README).")
-    reward: str = _f("alignment", "Registered reward name, `a+b` for a sum, or a dotted path `pkg.mod:fn`.")
-    reward_args: dict[str, Any] = _f({}, "Keyword arguments of the reward constructor; for `a+b`: {a: {...}, weights: {a: 1}}.")
-    sampler: str | None = _f(None, "Sampler override (default: the method's).")
-    sampler_args: dict[str, Any] = _f({}, "Keyword arguments of the sampler (num_steps, eta, grad_steps, ...).")
-    estimator: str | None = _f(None, "Estimator override (default: the method's).")
-    estimator_args: dict[str, Any] = _f({}, "Keyword arguments of the estimator.")
-    loss: str | None = _f(None, "Loss override (default: the method's).")
-    loss_args: dict[str, Any] = _f({}, "Keyword arguments of the loss constructor.")
-    replay: str | None = _f(None, "Replay override (default: the method's).")
-    replay_args: dict[str, Any] = _f({}, "Keyword arguments of the replay component.")
+    model: str = doc_field("tiny-cogvideox", "Preset (tiny-cogvideox, tiny-wan, ...), local diffusers pipeline folder, or hub id.")
+    method: str = doc_field("refl", "Registered method name (`trl-video plugins` lists them), e.g. refl, fcrm, velr.")
+    method_args: dict[str, Any] = doc_field({}, "Fields of the method's config dataclass (see the plugin's README).")
+    reward: str = doc_field("alignment", "Registered reward name, `a+b` for a sum, or a dotted path `pkg.mod:fn`.")
+    reward_args: dict[str, Any] = doc_field({}, "Keyword arguments of the reward constructor; for `a+b`: {a: {...}, weights: {a: 1}}.")
+    sampler: str | None = doc_field(None, "Sampler override (default: the method's).")
+    sampler_args: dict[str, Any] = doc_field({}, "Keyword arguments of the sampler (num_steps, eta, grad_steps, ...).")
+    estimator: str | None = doc_field(None, "Estimator override (default: the method's).")
+    estimator_args: dict[str, Any] = doc_field({}, "Keyword arguments of the estimator.")
+    loss: str | None = doc_field(None, "Loss override (default: the method's).")
+    loss_args: dict[str, Any] = doc_field({}, "Keyword arguments of the loss constructor.")
+    replay: str | None = doc_field(None, "Replay override (default: the method's).")
+    replay_args: dict[str, Any] = doc_field({}, "Keyword arguments of the replay component.")
 
     # ---- data
-    prompts: str = _f("world:train", "Prompt source: `world:train`, `world:heldout`, a json/jsonl/csv/parquet file, "
+    prompts: str = doc_field("world:train", "Prompt source: `world:train`, `world:heldout`, a json/jsonl/csv/parquet file, "
                                       "a dataset saved with save_to_disk, or a hub dataset id.")
-    prompt_column: str = _f("prompt", "Column holding the prompt text.")
-    offline_latents: str | None = _f(None, "Folder of an offline-latents dataset (save_to_disk) with columns prompt, "
+    prompt_column: str = doc_field("prompt", "Column holding the prompt text.")
+    offline_latents: str | None = doc_field(None, "Folder of an offline-latents dataset (save_to_disk) with columns prompt, "
                                            "latents[, reward, source].")
-    num_frames: int | None = _f(None, "Override the number of video frames (must be 4k+1 for the real VAEs).")
-    height: int | None = _f(None, "Override the video height in pixels.")
-    width: int | None = _f(None, "Override the video width in pixels.")
+    num_frames: int | None = doc_field(None, "Override the number of video frames (must be 4k+1 for the real VAEs).")
+    height: int | None = doc_field(None, "Override the video height in pixels.")
+    width: int | None = doc_field(None, "Override the video width in pixels.")
 
     # ---- optimisation
-    max_steps: int = _f(100, "Number of training steps (policy optimiser updates).")
-    prompts_per_step: int = _f(4, "Distinct prompts per step (all processes together).")
-    group_size: int = _f(2, "Samples per prompt (G); groups may span processes.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimiser step.")
-    learning_rate: float = _f(1e-4, "Learning rate of the policy (auxiliary modules set their own).")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.999, "AdamW beta2.")
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    lr_scheduler_type: str = _f("constant", "transformers scheduler name: constant, linear, cosine, "
+    max_steps: int = doc_field(100, "Number of training steps (policy optimiser updates).")
+    prompts_per_step: int = doc_field(4, "Distinct prompts per step (all processes together).")
+    group_size: int = doc_field(2, "Samples per prompt (G); groups may span processes.")
+    gradient_accumulation_steps: int = doc_field(1, "Micro-batches accumulated per optimiser step.")
+    learning_rate: float = doc_field(1e-4, "Learning rate of the policy (auxiliary modules set their own).")
+    weight_decay: float = doc_field(0.0, "AdamW weight decay.")
+    adam_beta1: float = doc_field(0.9, "AdamW beta1.")
+    adam_beta2: float = doc_field(0.999, "AdamW beta2.")
+    adam_epsilon: float = doc_field(1e-8, "AdamW epsilon.")
+    lr_scheduler_type: str = doc_field("constant", "transformers scheduler name: constant, linear, cosine, "
                                             "constant_with_warmup, ...")
-    warmup_steps: int = _f(0, "Warm-up steps of the LR schedule.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
-    use_lora: bool = _f(True, "Train a LoRA adapter (reference = base with the adapter disabled); else full fine-tuning.")
-    lora_rank: int = _f(8, "LoRA rank.")
-    lora_alpha: float | None = _f(None, "LoRA alpha (default: the rank).")
-    lora_target_modules: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "Modules that get LoRA adapters.")
-    gradient_checkpointing: bool = _f(False, "Enable gradient checkpointing in the transformer.")
-    ema_decay: float = _f(0.0, "Keep an EMA of the policy's trainable weights with this decay (0 = off).")
-    mixed_precision: str = _f("no", "accelerate mixed precision: no | bf16 | fp16.")
-    seed: int = _f(0, "Random seed (prompt order, noise, initialisation).")
+    warmup_steps: int = doc_field(0, "Warm-up steps of the LR schedule.")
+    max_grad_norm: float = doc_field(1.0, "Gradient clipping norm (0 disables).")
+    use_lora: bool = doc_field(True, "Train a LoRA adapter (reference = base with the adapter disabled); else full fine-tuning.")
+    lora_rank: int = doc_field(8, "LoRA rank.")
+    lora_alpha: float | None = doc_field(None, "LoRA alpha (default: the rank).")
+    lora_target_modules: list[str] = doc_field(["to_q", "to_k", "to_v", "to_out.0"], "Modules that get LoRA adapters.")
+    gradient_checkpointing: bool = doc_field(False, "Enable gradient checkpointing in the transformer.")
+    ema_decay: float = doc_field(0.0, "Keep an EMA of the policy's trainable weights with this decay (0 = off).")
+    mixed_precision: str = doc_field("no", "accelerate mixed precision: no | bf16 | fp16.")
+    seed: int = doc_field(0, "Random seed (prompt order, noise, initialisation).")
 
     # ---- logging / saving
-    output_dir: str = _f("out/run", "Where checkpoints, logs, samples and the final model go.")
-    logging_steps: int = _f(1, "Log every N steps (TensorBoard + metrics.jsonl).")
-    save_steps: int = _f(0, "Checkpoint every N steps (0: only at the end).")
-    save_total_limit: int | None = _f(2, "Keep at most this many checkpoints.")
-    report_to: str = _f("tensorboard", "tensorboard | none.")
-    save_model_at_end: bool = _f(True, "Write a diffusers pipeline folder to output_dir/model at the end.")
+    output_dir: str = doc_field("out/run", "Where checkpoints, logs, samples and the final model go.")
+    logging_steps: int = doc_field(1, "Log every N steps (TensorBoard + metrics.jsonl).")
+    save_steps: int = doc_field(0, "Checkpoint every N steps (0: only at the end).")
+    save_total_limit: int | None = doc_field(2, "Keep at most this many checkpoints.")
+    report_to: str = doc_field("tensorboard", "tensorboard | none.")
+    save_model_at_end: bool = doc_field(True, "Write a diffusers pipeline folder to output_dir/model at the end.")
 
     # ---- evaluation
-    eval_at_end: bool = _f(False, "Run `trl-video eval` (before/after rewards, GIFs, JSON) when training ends.")
-    eval_prompts: str = _f("world:heldout", "Prompt source for evaluation.")
-    eval_num_prompts: int = _f(32, "Number of (prompt, seed) pairs evaluated.")
-    eval_num_steps: int = _f(20, "ODE steps used to sample at evaluation.")
-    eval_rewards: list[str] = _f([], "Extra reward names reported at evaluation (the training reward is always).")
+    eval_at_end: bool = doc_field(False, "Run `trl-video eval` (before/after rewards, GIFs, JSON) when training ends.")
+    eval_prompts: str = doc_field("world:heldout", "Prompt source for evaluation.")
+    eval_num_prompts: int = doc_field(32, "Number of (prompt, seed) pairs evaluated.")
+    eval_num_steps: int = doc_field(20, "ODE steps used to sample at evaluation.")
+    eval_rewards: list[str] = doc_field([], "Extra reward names reported at evaluation (the training reward is always).")
 
     # ---- hub
-    push_to_hub: bool = _f(False, "Push the final model folder (with model card) to the Hub.")
-    hub_model_id: str | None = _f(None, "Repository id for push_to_hub, e.g. user/name.")
-    hub_private: bool = _f(False, "Create the Hub repository as private.")
-    trust_remote_code: bool = _f(False, "Allow custom code from model repositories (off by default).")
+    push_to_hub: bool = doc_field(False, "Push the final model folder (with model card) to the Hub.")
+    hub_model_id: str | None = doc_field(None, "Repository id for push_to_hub, e.g. user/name.")
+    hub_private: bool = doc_field(False, "Create the Hub repository as private.")
+    trust_remote_code: bool = doc_field(False, "Allow custom code from model repositories (off by default).")
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "prompts_per_step", "group_size", "gradient_accumulation_steps", "logging_steps"):

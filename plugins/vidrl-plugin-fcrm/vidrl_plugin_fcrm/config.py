@@ -6,16 +6,10 @@ Values the paper does not state are marked "(ours)" in the help text and in the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
+from trl_video.config import doc_field as _f
 from trl_video.errors import TrlVideoError
-
-
-def _f(default: Any, help: str) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
