@@ -42,8 +42,12 @@ FAMILIES = ("wan", "cogvideox")
 
 #: Defaults per family (sized for ~15-20 minutes per family on 2 CPU cores).
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "wan": dict(vae_iters=700, dit_iters=6000),
-    "cogvideox": dict(vae_iters=700, dit_iters=6000),
+    # Wan's VAE (RMS-norm, causal) learns the shapes' colour slowly: single-frame pretraining (cheap) with a
+    # chroma loss first, then clips.
+    "wan": dict(vae_image_iters=1500, vae_iters=400, vae_lr=5e-4, chroma_weight=3.0, mse_weight=0.0,
+                zero_init_attention=True, dit_iters=6000),
+    "cogvideox": dict(vae_image_iters=0, vae_iters=600, vae_lr=1e-3, chroma_weight=0.0, mse_weight=1.0,
+                      zero_init_attention=False, dit_iters=5000),
 }
 
 _POOL_SEED_BASE = 1_000_000  # clip seeds of the encoded transformer pool
@@ -93,15 +97,60 @@ def _foreground(x: Tensor) -> Tensor:
     return ((x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) > 0.5).to(x.dtype)
 
 
+def decode_unclamped(vae, z: Tensor) -> Tensor:
+    """The VAE decoder's output *before* Wan's final clamp to [-1, 1], for training.
+
+    ``AutoencoderKLWan.decode`` clamps its output, which zeroes the gradient of every pixel that overshoots the
+    range: early in training whole regions (and the shapes in them) sit outside [-1, 1] and are never learned
+    (the VAE settles on background-only reconstructions). CogVideoX's decoder does not clamp. Mirrors
+    diffusers 0.42's ``AutoencoderKLWan._decode`` (no tiling / patching at these sizes); equal to ``decode``
+    up to the clamp.
+    """
+    if type(vae).__name__ != "AutoencoderKLWan" or vae.config.patch_size is not None:
+        return vae.decode(z).sample
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    outs = []
+    for i in range(x.shape[2]):
+        vae._conv_idx = [0]
+        outs.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                first_chunk=i == 0))
+    vae.clear_cache()
+    return torch.cat(outs, 2)
+
+
+def zero_init_vae_attention(vae) -> int:
+    """Zero the output projection of the Wan VAE's attention blocks (a standard zero-init of residual
+    branches): at random init their global mixing swamps the local conv path. Returns how many were zeroed."""
+    n = 0
+    for m in vae.modules():
+        if type(m).__name__ == "WanAttentionBlock":
+            torch.nn.init.zeros_(m.proj.weight)
+            torch.nn.init.zeros_(m.proj.bias)
+            n += 1
+    return n
+
+
+def _chroma(x: Tensor) -> Tensor:
+    return x - x.mean(1, keepdim=True)
+
+
 def train_vae(policy, *, iters: int, batch_size: int, lr: float, kl_weight: float, rng: np.random.Generator,
               log_every: int, warmup: int = 50, fg_weight: float = 4.0, sample_posterior: bool = False,
-              mse_weight: float = 1.0, l1_weight: float = 1.0) -> dict[str, Any]:
+              mse_weight: float = 0.0, l1_weight: float = 1.0, chroma_weight: float = 0.0,
+              frames: int | None = None, name: str = "vae") -> dict[str, Any]:
     """L1 reconstruction (+ ``kl_weight`` x KL summed over latent elements) on fresh train-split clips.
 
-    The shape covers ~10% of the pixels, so the L1 is re-weighted by ``1 + fg_weight`` on coloured pixels
-    (otherwise a background-only reconstruction is a strong local minimum). By default the decoder sees the
-    posterior mode (as everything downstream does): with a 1e-6 KL the posterior noise of the random init
-    (std ~1, larger than the signal) is not shrunk fast enough and drowns the shape.
+    * The shape covers ~10% of the pixels, so the loss is re-weighted by ``1 + fg_weight`` on coloured pixels
+      (otherwise a background-only reconstruction is a strong local minimum).
+    * ``chroma_weight``: an extra L1 on the chroma (pixel minus its channel mean). The Wan VAE otherwise
+      learns shapes and positions but keeps losing their colour (blue and green both come out dark green).
+    * ``mse_weight``: an extra (weighted) squared error.
+    * By default the decoder sees the posterior mode (as everything downstream does): with a 1e-6 KL the
+      posterior noise of the random init (std ~1, larger than the signal) is not shrunk fast enough.
+    * ``frames=1``: train on single frames (one random frame per clip; the causal Wan VAE encodes a first
+      frame on its own), i.e. image pretraining: ~4x more independent samples per second than clips.
+    * The decoder output is taken before Wan's clamp (:func:`decode_unclamped`).
     """
     vae = policy.vae
     vae.requires_grad_(True)
@@ -110,19 +159,26 @@ def train_vae(policy, *, iters: int, batch_size: int, lr: float, kl_weight: floa
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_with_warmup(warmup, iters))
     history, l1_ema, fg_ema = [], None, None
-    bar = _tqdm(iters, "VAE")
+    bar = _tqdm(iters, "VAE" if frames is None else f"VAE ({frames}-frame)")
     for it in range(iters):
         x = _random_clips(rng, caps, batch_size)
+        if frames is not None:
+            start = torch.from_numpy(rng.integers(0, x.shape[2] - frames + 1, size=batch_size))
+            x = torch.stack([x[b, :, int(s):int(s) + frames] for b, s in enumerate(start)])
         dist = _vae_latent_dist(vae, x)
         z = dist.sample() if sample_posterior else dist.mode()
-        rec = vae.decode(z).sample
+        rec = decode_unclamped(vae, z)
         err = (rec - x).abs()
         l1 = err.mean()
         fg = _foreground(x)
         w = 1.0 + fg_weight * fg
+        per_pixel = l1_weight * err
+        if mse_weight:
+            per_pixel = per_pixel + mse_weight * err.pow(2)
+        if chroma_weight:
+            per_pixel = per_pixel + chroma_weight * (_chroma(rec) - _chroma(x)).abs()
         kl = 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).flatten(1).sum(1).mean()
-        rec_loss = (w * (l1_weight * err + mse_weight * err.pow(2))).mean() / w.mean()
-        loss = rec_loss + kl_weight * kl
+        loss = (w * per_pixel).mean() / w.mean() + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -135,12 +191,13 @@ def train_vae(policy, *, iters: int, batch_size: int, lr: float, kl_weight: floa
         bar.set_postfix(l1=f"{l1_ema:.4f}", fg_l1=f"{fg_ema:.3f}")
         if (it + 1) % log_every == 0 or it + 1 == iters:
             history.append({"iter": it + 1, "l1": round(l1_ema, 5), "fg_l1": round(fg_ema, 4), "kl": round(kl.item(), 2)})
-            _log(f"[vae] iter {it + 1}/{iters} l1(ema) {l1_ema:.4f} shape-pixel l1 {fg_ema:.3f} kl {kl.item():.1f} "
+            _log(f"[{name}] iter {it + 1}/{iters} l1(ema) {l1_ema:.4f} shape-pixel l1 {fg_ema:.3f} kl {kl.item():.1f} "
                  f"lr {sched.get_last_lr()[0]:.2e}")
     bar.close()
     vae.requires_grad_(False)
     vae.eval()
-    return {"iters": iters, "final_l1_train_ema": round(float(l1_ema or 0.0), 5),
+    return {"iters": iters, "batch_size": batch_size, "frames": frames or "all",
+            "final_l1_train_ema": round(float(l1_ema or 0.0), 5),
             "final_shape_pixel_l1_train_ema": round(float(fg_ema or 0.0), 4), "history": history}
 
 
@@ -437,13 +494,18 @@ def _folder_mb(path: Path) -> float:
 
 def pretrain(family: str, out_dir: str | Path, *, vae_iters: int | None = None, dit_iters: int | None = None,
              batch_size: int = 8, dit_batch_size: int = 32, seed: int = 0, log_every: int = 100,
-             vae_lr: float = 1e-3, kl_weight: float = 1e-6, stats_clips: int = 320, pool_seeds_per_caption: int = 50,
-             dit_lr: float = 1e-3, dit_warmup: int = 200, cond_dropout: float = 0.1, t_sampling: str = "uniform",
-             ema_decay: float = 0.999, eval_steps: int = 20, eval_heldout_seeds: int = 2, eval_train_captions: int = 24,
-             eval_random: bool = True, samples_png: str | Path | None = None, threads: int = 2,
+             vae_image_iters: int | None = None, vae_image_batch_size: int = 32, vae_lr: float | None = None,
+             kl_weight: float = 1e-6, fg_weight: float = 4.0, chroma_weight: float | None = None,
+             mse_weight: float | None = None, zero_init_attention: bool | None = None, stats_clips: int = 320,
+             pool_seeds_per_caption: int = 50, dit_lr: float = 1e-3, dit_warmup: int = 200,
+             cond_dropout: float = 0.1, t_sampling: str = "uniform", ema_decay: float = 0.999, eval_steps: int = 20,
+             eval_heldout_seeds: int = 2, eval_train_captions: int = 24, eval_random: bool = True,
+             samples_png: str | Path | None = None, threads: int = 2,
              vae_from: str | Path | None = None) -> dict[str, Any]:
     """Train the tiny ``family`` model (VAE, then transformer) and save it as a diffusers pipeline folder.
 
+    Arguments left ``None`` take the family's value from :data:`DEFAULTS`. ``batch_size`` is the VAE's clip
+    batch, ``vae_image_*`` the single-frame VAE pretraining stage (Wan), ``dit_*`` the transformer's.
     ``vae_from``: a pipeline folder of the same family (e.g. an earlier run) whose trained, normalised VAE is
     reused instead of running stage A (handy to re-tune the transformer cheaply).
 
@@ -453,16 +515,22 @@ def pretrain(family: str, out_dir: str | Path, *, vae_iters: int | None = None, 
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family '{family}' ({'|'.join(FAMILIES)})")
-    vae_iters = DEFAULTS[family]["vae_iters"] if vae_iters is None else vae_iters
-    dit_iters = DEFAULTS[family]["dit_iters"] if dit_iters is None else dit_iters
+    d = DEFAULTS[family]
+    pick = lambda v, k: d[k] if v is None else v  # noqa: E731
+    vae_iters, dit_iters = pick(vae_iters, "vae_iters"), pick(dit_iters, "dit_iters")
+    vae_image_iters, vae_lr = pick(vae_image_iters, "vae_image_iters"), pick(vae_lr, "vae_lr")
+    chroma_weight, mse_weight = pick(chroma_weight, "chroma_weight"), pick(mse_weight, "mse_weight")
+    zero_init_attention = pick(zero_init_attention, "zero_init_attention")
     torch.set_num_threads(threads)
     out = Path(out_dir)
     t_start = time.time()
-    config = dict(family=family, vae_iters=vae_iters, dit_iters=dit_iters, batch_size=batch_size,
-                  dit_batch_size=dit_batch_size, seed=seed, vae_lr=vae_lr, kl_weight=kl_weight,
-                  stats_clips=stats_clips, pool_seeds_per_caption=pool_seeds_per_caption, dit_lr=dit_lr,
-                  dit_warmup=dit_warmup, cond_dropout=cond_dropout, t_sampling=t_sampling, ema_decay=ema_decay,
-                  eval_steps=eval_steps, eval_heldout_seeds=eval_heldout_seeds, threads=threads)
+    config = dict(family=family, vae_image_iters=vae_image_iters, vae_image_batch_size=vae_image_batch_size,
+                  vae_iters=vae_iters, batch_size=batch_size, vae_lr=vae_lr, kl_weight=kl_weight,
+                  fg_weight=fg_weight, chroma_weight=chroma_weight, mse_weight=mse_weight,
+                  zero_init_attention=zero_init_attention, stats_clips=stats_clips, dit_iters=dit_iters,
+                  dit_batch_size=dit_batch_size, seed=seed, pool_seeds_per_caption=pool_seeds_per_caption,
+                  dit_lr=dit_lr, dit_warmup=dit_warmup, cond_dropout=cond_dropout, t_sampling=t_sampling,
+                  ema_decay=ema_decay, eval_steps=eval_steps, eval_heldout_seeds=eval_heldout_seeds, threads=threads)
     report: dict[str, Any] = {"config": config, "torch": torch.__version__}
     try:
         import diffusers
@@ -474,7 +542,8 @@ def pretrain(family: str, out_dir: str | Path, *, vae_iters: int | None = None, 
     torch.manual_seed(seed)
     policy = build_random(family, seed=seed)
     rng = np.random.default_rng(seed)
-    _log(f"[pretrain] {family}: latent shape {policy.latent_shape}; VAE {vae_iters} it, transformer {dit_iters} it")
+    _log(f"[pretrain] {family}: latent shape {policy.latent_shape}; VAE {vae_image_iters} single-frame + "
+         f"{vae_iters} clip it, transformer {dit_iters} it")
 
     # ---- stage A
     t0 = time.time()
@@ -490,8 +559,14 @@ def pretrain(family: str, out_dir: str | Path, *, vae_iters: int | None = None, 
         vae_rep["reused_from"] = str(vae_from)
         config["vae_iters"] = vae_rep.get("iters")
     else:
-        vae_rep = train_vae(policy, iters=vae_iters, batch_size=batch_size, lr=vae_lr, kl_weight=kl_weight,
-                            rng=rng, log_every=log_every) if vae_iters > 0 else {"iters": 0}
+        vae_rep = {"zero_init_attention_blocks": zero_init_vae_attention(policy.vae) if zero_init_attention else 0}
+        loss_kw = dict(lr=vae_lr, kl_weight=kl_weight, fg_weight=fg_weight, chroma_weight=chroma_weight,
+                       mse_weight=mse_weight, rng=rng, log_every=log_every)
+        if vae_image_iters > 0:
+            vae_rep["image_stage"] = train_vae(policy, iters=vae_image_iters, batch_size=vae_image_batch_size,
+                                               frames=1, name="vae-img", **loss_kw)
+        if vae_iters > 0:
+            vae_rep.update(train_vae(policy, iters=vae_iters, batch_size=batch_size, **loss_kw))
         vae_rep["latent_stats"] = set_latent_statistics(policy, n_clips=stats_clips, rng=rng)
     vae_rep["heldout_recon_l1"] = round(vae_heldout_l1(policy), 5)
     if vae_from is None:
@@ -568,14 +643,17 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--family", choices=FAMILIES, required=True, help="model family to pretrain")
     parser.add_argument("--out", default=None,
                         help="output pipeline folder (default: trl_video/assets/tiny-<family>)")
-    parser.add_argument("--vae-iters", type=int, default=None, help="VAE iterations (default per family: 700)")
+    parser.add_argument("--vae-image-iters", type=int, default=None,
+                        help="single-frame VAE pretraining iterations (default: wan 1500, cogvideox 0)")
+    parser.add_argument("--vae-iters", type=int, default=None,
+                        help="VAE iterations on clips (default: wan 400, cogvideox 600)")
     parser.add_argument("--dit-iters", type=int, default=None,
-                        help="transformer iterations (default per family: 6000)")
-    parser.add_argument("--batch-size", type=int, default=8, help="VAE batch size")
+                        help="transformer iterations (default: wan 6000, cogvideox 5000)")
+    parser.add_argument("--batch-size", type=int, default=8, help="VAE batch size (clips)")
     parser.add_argument("--dit-batch-size", type=int, default=32, help="transformer batch size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-lr", type=float, default=None, help="default: wan 5e-4, cogvideox 1e-3")
     parser.add_argument("--dit-lr", type=float, default=1e-3)
     parser.add_argument("--pool-seeds-per-caption", type=int, default=50,
                         help="clips per train caption in the encoded transformer pool")
@@ -594,6 +672,7 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     out = args.out or str(Path(__file__).resolve().parent / "assets" / f"tiny-{args.family}")
     png = args.samples_png or f"/tmp/pretrain_{args.family}_samples.png"
     report = pretrain(args.family, out, vae_iters=args.vae_iters, dit_iters=args.dit_iters,
+                      vae_image_iters=args.vae_image_iters,
                       batch_size=args.batch_size, dit_batch_size=args.dit_batch_size, seed=args.seed,
                       log_every=args.log_every, vae_lr=args.vae_lr, dit_lr=args.dit_lr,
                       pool_seeds_per_caption=args.pool_seeds_per_caption, t_sampling=args.t_sampling,

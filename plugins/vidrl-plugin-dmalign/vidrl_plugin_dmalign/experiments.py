@@ -8,7 +8,9 @@
 * ``memory``: parameter / optimiser memory of the three roles (tiny-wan measured; Wan2.1-1.3B from its config
   instantiated on the meta device).
 
-Distances: unbiased MMD^2 with an RBF kernel on flattened normalised latents (bandwidth = median pairwise distance
+Distances: the Frechet distance (the FID/FVD formula) between Gaussian fits of 13 hand-made features of the decoded
+clips (object area, colour, position, displacement, sharpness, frame difference; z-scored by the teacher-50 set),
+and the unbiased MMD^2 with an RBF kernel on flattened normalised latents (bandwidth = median pairwise distance
 of the teacher-50 set, fixed for every comparison), against (a) the teacher's 50-step distribution (distillation)
 and (b) the preferred set (ground-truth world clips encoded with the VAE, the Pair target). Reward: the built-in
 differentiable ``alignment`` reward on decoded clips (ground truth scores about 0.8).
@@ -95,6 +97,46 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> float:
     return float(sxx + syy - 2 * kxy.mean())
 
 
+def video_features(pix: torch.Tensor) -> torch.Tensor:
+    """13 interpretable statistics per decoded clip ``[B, 3, F, H, W]`` in [-1, 1] (a hand-made stand-in for the
+    I3D features of FVD, which need hub weights): object area and its change over time, object colour (3) and its
+    change, background level, mean object position (2) and displacement (2), spatial sharpness, frame difference."""
+    x = (pix.float().clamp(-1, 1) + 1) / 2
+    b, _, f, h, w = x.shape
+    sat = x.amax(1) - x.amin(1)  # [B, F, H, W]; world objects are saturated, backgrounds grey
+    m = torch.sigmoid((sat - 0.4) * 20)
+    msum = m.flatten(2).sum(-1) + 1e-3  # [B, F]
+    area_t = m.flatten(2).mean(-1)
+    col_t = (x * m[:, None]).flatten(3).sum(-1) / msum[:, None]  # [B, 3, F]
+    bg = (x.mean(1) * (1 - m)).flatten(1).sum(1) / ((1 - m).flatten(1).sum(1) + 1e-3)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    cx = (m * xx).flatten(2).sum(-1) / msum
+    cy = (m * yy).flatten(2).sum(-1) / msum
+    fr = torch.arange(f, dtype=torch.float32) - (f - 1) / 2
+    slope = lambda c: (c * fr).sum(-1) / fr.pow(2).sum() * (f - 1)  # noqa: E731
+    sharp = (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3, 4)) + (x[..., 1:] - x[..., :-1]).abs().mean(
+        (1, 2, 3, 4))
+    tdiff = (x[:, :, 1:] - x[:, :, :-1]).abs().mean((1, 2, 3, 4))
+    return torch.stack([area_t.mean(1), area_t.std(1), *col_t.mean(2).unbind(1), col_t.std(2).mean(1), bg,
+                        cx.mean(1), cy.mean(1), slope(cx), slope(cy), sharp, tdiff], 1).double()
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussian fits of two feature sets ``[N, D]`` (the FID/FVD formula):
+    |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
+    ev, vec = torch.linalg.eigh(s_a)
+    root_a = vec @ torch.diag(ev.clamp_min(0).sqrt()) @ vec.T
+    cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + torch.trace(s_a) + torch.trace(s_b) - 2 * cross)
+
+
+@torch.no_grad()
+def decoded_features(policy: Any, latents: torch.Tensor, bs: int = 64) -> torch.Tensor:
+    return torch.cat([video_features(policy.decode(latents[i:i + bs])) for i in range(0, len(latents), bs)])
+
+
 @torch.no_grad()
 def alignment_reward(policy: Any, latents: torch.Tensor, prompts: list[str], bs: int = 64) -> float:
     from trl_video.components.rewards import AlignmentReward
@@ -151,8 +193,14 @@ def _ref_sets(policy: Any, root: Path) -> dict[str, torch.Tensor]:
 
 
 def evaluate_samples(policy: Any, lat: torch.Tensor, sets: dict[str, torch.Tensor], prompts: list[str]) -> dict:
+    """MMD^2 on latents and the Frechet distance of decoded-clip features (z-scored by the teacher-50 set) to the
+    teacher-50 set and to the preferred (ground-truth) set, plus the alignment reward."""
     h = median_bandwidth(sets["teacher50"])
-    return {"mmd2_teacher50": mmd2(lat, sets["teacher50"], h), "mmd2_preferred": mmd2(lat, sets["gt"], h),
+    ref_t, ref_gt, mine = (decoded_features(policy, x) for x in (sets["teacher50"], sets["gt"], lat))
+    mu, sd = ref_t.mean(0), ref_t.std(0).clamp_min(1e-6)
+    z = lambda f: (f - mu) / sd  # noqa: E731
+    return {"fd_teacher50": frechet_distance(z(mine), z(ref_t)), "fd_preferred": frechet_distance(z(mine), z(ref_gt)),
+            "mmd2_teacher50": mmd2(lat, sets["teacher50"], h), "mmd2_preferred": mmd2(lat, sets["gt"], h),
             "reward_alignment": alignment_reward(policy, lat, prompts), "bandwidth": h, "n": len(lat)}
 
 
@@ -203,6 +251,7 @@ def run_training(model: str, variant: str, steps: int, root: Path, lr: float, se
     secs = time.time() - t0
     prompts, seeds = eval_set()
     lat = fewstep_samples(tr.policy, prompts, seeds)
+    torch.save(lat, root / f"samples_{variant}.pt")  # for re-analysis without retraining
     ev = evaluate_samples(tr.policy, lat, sets, prompts)
     hist = tr.history
     return {"nfe": K, "steps": steps, "train_seconds": round(secs, 1), "recipe": rec, **ev,
@@ -260,12 +309,13 @@ def _accounting(n_all: int, n_train: int, lora: bool, bytes_: int) -> dict:
 
 def table(root: Path) -> str:
     res = json.loads((root / "results.json").read_text()) if (root / "results.json").exists() else {}
-    rows = ["| model | NFE | MMD^2 to teacher-50 (lower = better distilled) | MMD^2 to preferred set | "
-            "alignment reward |", "|---|---|---|---|---|"]
+    rows = ["| model | NFE | FD to teacher-50 (lower = better distilled) | FD to preferred set | "
+            "MMD^2 to teacher-50 | MMD^2 to preferred | alignment reward |", "|---|---|---|---|---|---|---|"]
     for name, r in res.items():
         if not isinstance(r, dict) or "mmd2_teacher50" not in r:
             continue
-        rows.append(f"| {name} | {r['nfe']} | {r['mmd2_teacher50']:.4f} | {r['mmd2_preferred']:.4f} | "
+        fd = (f"{r['fd_teacher50']:.3f} | {r['fd_preferred']:.3f}" if "fd_teacher50" in r else "- | -")
+        rows.append(f"| {name} | {r['nfe']} | {fd} | {r['mmd2_teacher50']:.4f} | {r['mmd2_preferred']:.4f} | "
                     f"{r['reward_alignment']:.3f} |")
     return "\n".join(rows)
 
@@ -280,7 +330,7 @@ def _save(root: Path, updates: dict) -> None:
 def bench_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="trl-video bench dmalign")
     ap.add_argument("what", choices=["toy", "baselines", "train", "table", "memory", "preferred"])
-    ap.add_argument("--model", default="tiny-wan")
+    ap.add_argument("--model", default="tiny-cogvideox")
     ap.add_argument("--variant", choices=list(VARIANTS), default="dmd")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=1e-4)

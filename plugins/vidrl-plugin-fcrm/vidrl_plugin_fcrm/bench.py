@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 SETTINGS = ("online", "ema", "replay", "offline", "hybrid", "fewstep")
-#: offline-latents datasets the tiny recipes name: world:train clips encoded by the tiny-wan VAE, with the
+#: offline-latents datasets the tiny recipes name: world:train clips encoded by the recipe model's VAE, with the
 #: reward named after the last underscore (of the decoded clip) stored in the ``reward`` column
 OFFLINE_PREFIX = "out/fcrm/world_latents_"
 
@@ -33,7 +33,7 @@ def recipes_dir() -> Path:
 # ------------------------------------------------------------------------------------------------ data
 @torch.no_grad()
 def build_world_offline(out: str, n: int = 256, split: str = "train", seed: int = 7, reward: str | None = None,
-                        model: str = "tiny-wan", batch: int = 16) -> dict[str, Any]:
+                        model: str = "tiny-cogvideox", batch: int = 16) -> dict[str, Any]:
     """Offline-latents dataset from the synthetic world: render ``n`` clips of ``split``, encode them with the
     model's VAE; with ``reward`` also store that reward of the DECODED clip (what the policy's latents mean)."""
     from trl_video import world
@@ -63,7 +63,7 @@ def build_world_offline(out: str, n: int = 256, split: str = "train", seed: int 
     return info
 
 
-def ensure_offline(path: str, model: str = "tiny-wan", n: int = 256) -> str:
+def ensure_offline(path: str, model: str = "tiny-cogvideox", n: int = 256) -> str:
     """Build ``out/fcrm/world_latents_<reward>`` on first use with ``model``'s VAE (other paths must exist)."""
     if not Path(path).exists():
         if not path.startswith(OFFLINE_PREFIX):
@@ -113,7 +113,7 @@ def run_recipe(recipe: dict[str, Any], output_dir: str, eval_prompts: int | None
     if eval_prompts:
         rec["eval_num_prompts"] = eval_prompts
     if rec.get("offline_latents"):
-        ensure_offline(str(rec["offline_latents"]), model=str(rec.get("model", "tiny-wan")))
+        ensure_offline(str(rec["offline_latents"]), model=str(rec.get("model", "tiny-cogvideox")))
     cfg = config_from_dict(rec)
     trainer = VideoRewardTrainer(cfg, recipe=rec)
     counts = {"rollouts": 0, "offline": 0}
@@ -136,7 +136,7 @@ def run_recipe(recipe: dict[str, Any], output_dir: str, eval_prompts: int | None
     trainer.train()
     wall = time.perf_counter() - t0
     ev = evaluate_trainer(trainer)
-    res = {"steps": trainer.global_step, "rollouts": counts["rollouts"], "offline_samples": counts["offline"],
+    res = {"model": str(rec.get("model")), "steps": trainer.global_step, "rollouts": counts["rollouts"], "offline_samples": counts["offline"],
            "train_seconds": wall, "reward": ev["reward"], "reward_before": ev["reward_before"],
            "reward_after": ev["reward_after"], "gain": ev["gain"], "gain_sem": ev["gain_sem"],
            "per_reward": {k: {"before": v["before"]["mean"], "after": v["after"]["mean"], "gain": v["gain"]["mean"],
@@ -198,7 +198,8 @@ def bench_fcrm(argv: list[str]) -> int:
         print(f"== {name}: {rec.get('max_steps')} steps", flush=True)
         rows[name] = run_recipe(rec, f"{a.out}/{name}", a.eval_prompts)
         print(table({name: rows[name]}), flush=True)
-    print("\nFCRM behaviour settings (tiny-wan; eval on held-out prompts, same seeds before/after):")
+    models = sorted({str(r.get("model")) for r in rows.values()})
+    print(f"\nFCRM behaviour settings ({', '.join(models)}; eval on held-out prompts, same seeds before/after):")
     print(table(rows))
     path = Path(a.json or f"{a.out}/bench.json")
     path.parent.mkdir(parents=True, exist_ok=True)

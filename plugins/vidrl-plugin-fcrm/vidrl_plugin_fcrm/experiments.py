@@ -23,7 +23,7 @@ from .bench import OFFLINE_PREFIX, bench_fcrm, build_world_offline, load_recipe,
 ALIGNMENT_TOLERANCE = 0.05
 
 
-def build_offline(n: int = 256, model: str = "tiny-wan") -> None:
+def build_offline(n: int = 256, model: str = "tiny-cogvideox") -> None:
     for reward in ("luminance", "alignment"):
         info = build_world_offline(f"{OFFLINE_PREFIX}{reward}", n=n, reward=reward, model=model)
         print(json.dumps(info))
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     cmd = argv.pop(0) if argv else "help"
     if cmd == "build-offline":
-        build_offline(int(argv[0]) if argv else 256, argv[1] if len(argv) > 1 else "tiny-wan")
+        build_offline(int(argv[0]) if argv else 256, argv[1] if len(argv) > 1 else "tiny-cogvideox")
     elif cmd == "lightness":
         out = next((a.split("=", 1)[1] for a in argv[2:] if a.startswith("out=")), "out/fcrm/lightness")
         lightness(int(argv[0]) if argv and argv[0] != "-" else None, out=out,
