@@ -1,12 +1,11 @@
 #!/bin/sh
 # The README's measurements, end to end on CPU (one thread: much faster than two contended ones).
 # Usage (from the repo root): sh plugins/vidrl-plugin-velr/run_experiments.sh [MODEL] [OUT] [TRUE_REWARD]
-# The README's numbers: MODEL=tiny-cogvideox-random, TRUE_REWARD=motion (alignment is not learnable from a
-# random VAE's decodes); with the trained assets use tiny-cogvideox and alignment.
+# The README's numbers: MODEL=tiny-cogvideox (the trained asset), TRUE_REWARD=alignment, OUT=out/velr_cog.
 set -e
-MODEL=${1:-tiny-cogvideox-random}
-OUT=${2:-out/velr_experiments}
-REWARD=${3:-motion}
+MODEL=${1:-tiny-cogvideox}
+OUT=${2:-out/velr_cog}
+REWARD=${3:-alignment}
 export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 trl-video bench velr-build-dataset --model "$MODEL" --out "$OUT/data" --world 256 --policy 192 --x0 192 \

@@ -228,7 +228,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def run_training(model: str, variant: str, steps: int, root: Path, lr: float, seed: int = 0,
-                 fake_lr: float | None = None) -> dict:
+                 fake_lr: float | None = None, prompts_per_step: int = 4) -> dict:
     from trl_video.config import config_from_dict
     from trl_video.models.policy import load_policy
     from trl_video.trainer import VideoRewardTrainer
@@ -236,7 +236,7 @@ def run_training(model: str, variant: str, steps: int, root: Path, lr: float, se
     policy = load_policy(model)
     sets = _ref_sets(policy, root)
     rec: dict[str, Any] = dict(model=model, method="dmalign", reward="alignment", prompts="world:train",
-                               prompts_per_step=4, group_size=2, max_steps=steps, learning_rate=lr,
+                               prompts_per_step=prompts_per_step, group_size=2, max_steps=steps, learning_rate=lr,
                                use_lora=False, output_dir=str(root / f"run_{variant}_{int(time.time())}"),
                                report_to="none", save_model_at_end=False, save_total_limit=1, seed=seed,
                                logging_steps=10)
@@ -335,6 +335,7 @@ def bench_main(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--fake-lr", type=float, default=None)
+    ap.add_argument("--prompts-per-step", type=int, default=4, help="dmd / pair (group: its own 2 x 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=RESULTS)
@@ -360,7 +361,7 @@ def bench_main(argv: list[str]) -> int:
     elif a.what == "train":
         name = {"dmd": "DMD only (align weight 0)", "pair": "DM-Align (Pair)", "group": "DM-Align (Group)"}[a.variant]
         _save(root, {name + a.tag: run_training(a.model, a.variant, a.steps, root, a.lr, a.seed,
-                                                  a.fake_lr)})
+                                                  a.fake_lr, a.prompts_per_step)})
     elif a.what == "memory":
         rep = role_memory_report(a.model)
         _save(root, {"memory": rep})
