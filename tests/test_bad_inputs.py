@@ -326,11 +326,17 @@ def test_dry_run_quickstart(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 
 def test_dry_run_refl_wan_names_missing_prompts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    # refl_wan.yaml names a local prompts.jsonl the user brings; the dry run (no weights, no network) checks it
+    # the dry run (no weights, no network) checks the prompt file a user swaps in; as shipped it validates from
+    # the repository root
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(capsys, ["train", "--recipe", REPO / "recipes" / "refl_wan.yaml", "--dry-run"])
+    recipe = ["train", "--recipe", REPO / "recipes" / "refl_wan.yaml", "--dry-run", "--set", "prompts=prompts.jsonl"]
+    code, _, err = run_cli(capsys, recipe)
     assert_one_line_error(code, err, "prompts", "prompts.jsonl", "not found")
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "a cat surfing"}\n')
-    code, out, err = run_cli(capsys, ["train", "--recipe", REPO / "recipes" / "refl_wan.yaml", "--dry-run"])
+    code, out, err = run_cli(capsys, recipe)
     assert code == 0, err
     assert "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in out and "kl_weight': 0.1" in out
+    monkeypatch.chdir(REPO)
+    code, out, err = run_cli(capsys, ["train", "--recipe", REPO / "recipes" / "refl_wan.yaml", "--dry-run",
+                                      "--output-dir", str(tmp_path / "shipped")])
+    assert code == 0, err
