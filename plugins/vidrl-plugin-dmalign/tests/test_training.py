@@ -31,7 +31,7 @@ def test_fake_updated_n_times_per_generator_step_and_never_by_generator_loss(tmp
     loss = tr.loss
     phases = loss.phases(0)
     assert [(p.name, p.groups, p.repeats, p.uses_graph) for p in phases] == [
-        ("fake", ("fake",), 5, False), ("generator", ("policy",), 1, True)]
+        ("generator", ("policy",), 1, True), ("fake", ("fake",), 5, False)]  # Alg. 1 order
     # the fake model is a copy of the teacher: no LoRA layers of the generator, all its weights trainable
     assert not any("lora" in n for n, _ in loss.fake.named_parameters())
     assert all(p.requires_grad for p in loss.fake.parameters())
@@ -106,3 +106,27 @@ def test_checkpoint_resume_restores_fake_model(tmp_path):
     tr2 = VideoRewardTrainer(cfg2, resume=True)
     tr2.load_checkpoint(tr2.resume_from)
     assert all(torch.equal(a, b) for a, b in zip(saved, tr2.loss.fake.parameters()))
+
+
+def test_fake_trains_on_the_generator_phase_samples_before_the_update(tmp_path):
+    """Alg. 1: generator update first, then N fake updates on stopgrad(x) of that step (not on a recomputation
+    with the updated generator, and never before the generator has used the fake on this batch)."""
+    tr = VideoRewardTrainer(_config(tmp_path, method_args={"align": "none", "align_weight": 0.0, "fake_updates": 3}))
+    loss = tr.loss
+    calls: list[torch.Tensor] = []
+    orig = loss.generator_x0
+
+    def recording(ctx, batch, k):
+        out = orig(ctx, batch, k)
+        calls.append(out.detach().clone())
+        return out
+
+    loss.generator_x0 = recording
+    order: list[str] = []
+    orig_compute = loss.compute
+    loss.compute = lambda ctx, phase, batch: (order.append(phase.name), orig_compute(ctx, phase, batch))[1]
+    tr.training_step()
+    assert order == ["generator", "fake", "fake", "fake"]
+    assert len(calls) == 1  # x computed once, by the generator phase
+    stored = [v for key, v in tr.ctx.state.items() if isinstance(key, tuple) and key[0] == "dmalign_x"]
+    assert len(stored) == 1 and torch.equal(stored[0], calls[0])

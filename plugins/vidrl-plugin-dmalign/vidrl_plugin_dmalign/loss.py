@@ -5,9 +5,9 @@ sampler with K steps); the real score model is the frozen teacher (``ctx.policy.
 the LoRA disabled, or the frozen copy under full fine-tuning); the fake score model is a trainable deep copy
 of the teacher returned from :meth:`DMAlignLoss.setup` as the ``fake`` :class:`Trainable`.
 
-One training step = two phases:
+One training step = two phases, in Alg. 1's order (generator, then fake):
 
-* ``fake`` x N (=5): denoising loss of the fake model on ``stopgrad(x)``, where ``x = G(x_{t_k}, t_k)`` is the
+* ``fake`` x N (=5), after the generator phase: denoising loss of the fake model on ``stopgrad(x)``, where ``x = G(x_{t_k}, t_k)`` is the
   generator's x0 prediction at the step ``t_k`` drawn from the K timesteps (``x_{t_k}`` = the generator's own
   rollout state, DMD2's backward simulation):  ``|| n_fake(x_t, t) - target(x, eps, t) ||^2``.
 * ``generator``: ``dmd_weight * L_DMD + align_weight * L_align`` with both terms written as DMD2's
@@ -107,7 +107,7 @@ def group_coefficients(advantages: Tensor, sign: str = "paper") -> Tensor:
 
 # ----------------------------------------------------------------------------------------------- the loss
 class DMAlignLoss:
-    """Phases ``[fake x N (no graph), generator (sampling graph)]``; trains the ``fake`` Trainable it creates."""
+    """Phases ``[generator (sampling graph), fake x N (no graph)]``; trains the ``fake`` Trainable it creates."""
 
     name = "dmalign"
     sample_grad = True  # the sampler's graph reaches the generator phase (align term through x_final)
@@ -138,8 +138,11 @@ class DMAlignLoss:
         return {"fake": Trainable(self.fake, lr=cfg.fake_lr)}
 
     def phases(self, step: int) -> list[Phase]:
+        # Alg. 1 order: the generator step (l. 6-15) uses the fake model as it was BEFORE seeing this batch; then
+        # the fake takes its N steps on stopgrad(x) (l. 16-21). The reverse order lets the fake fit the very
+        # samples the DMD gradient is taken on (x0_fake ~ x), which turns DMD into score distillation sampling.
         n = self.cfg.fake_updates if self.cfg is not None else 5
-        return [Phase("fake", groups=("fake",), repeats=n, uses_graph=False), Phase("generator", groups=("policy",))]
+        return [Phase("generator", groups=("policy",)), Phase("fake", groups=("fake",), repeats=n, uses_graph=False)]
 
     # ------------------------------------------------------------------ helpers
     def step_index(self, ctx: TrainContext, num_steps: int) -> int:
@@ -162,6 +165,10 @@ class DMAlignLoss:
             raise TrlVideoError(f"dmalign: trajectory has {batch.trajectory.shape[1]} states for a {k}-step grid; "
                                 f"use sampler 'fewstep'")
         return k
+
+    @staticmethod
+    def _x_key(batch: Rollouts, k: int) -> tuple[str, int, int]:
+        return ("dmalign_x", k, batch.trajectory.data_ptr())  # a detached copy shares the storage
 
     def generator_x0(self, ctx: TrainContext, batch: Rollouts, k: int) -> Tensor:
         """``G(x_{t_k}, t_k)``: the generator's x0 prediction from its own (detached) rollout state at step k."""
@@ -198,8 +205,8 @@ class DMAlignLoss:
         k = self.step_index(ctx, K)
         if self.cfg.fake_data == "final":
             x = batch.latents.detach()
-        else:
-            key = ("dmalign_x", k, batch.trajectory.data_ptr())
+        else:  # stopgrad(x) of this step's generator phase (Alg. 1 l. 18), i.e. before the generator update
+            key = self._x_key(batch, k)
             if key not in ctx.state:
                 with torch.no_grad():
                     ctx.state[key] = self.generator_x0(ctx, batch, k).detach()
@@ -226,6 +233,7 @@ class DMAlignLoss:
 
         # ---- DMD (Eq. 3) at the generator's x0 prediction from step k
         x = self.generator_x0(ctx, batch, k)
+        ctx.state[self._x_key(batch, k)] = x.detach()  # what the fake phase trains on after this update
         t = self._noise_level(ctx, n)
         x_t = sch.add_noise(x.detach(), ctx.randn(*x.shape), t)
         x0_real = self.real_x0(ctx, x_t, t, emb)
