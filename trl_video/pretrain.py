@@ -45,7 +45,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # Wan's VAE (RMS-norm, causal) learns the shapes' colour slowly: single-frame pretraining (cheap) with a
     # chroma loss first, then clips.
     "wan": dict(vae_image_iters=1500, vae_iters=400, vae_lr=5e-4, chroma_weight=3.0, mse_weight=0.0,
-                zero_init_attention=True, dit_iters=6000),
+                zero_init_attention=True, dit_iters=10000),
     "cogvideox": dict(vae_image_iters=0, vae_iters=600, vae_lr=1e-3, chroma_weight=0.0, mse_weight=1.0,
                       zero_init_attention=False, dit_iters=5000),
 }
@@ -648,7 +648,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--vae-iters", type=int, default=None,
                         help="VAE iterations on clips (default: wan 400, cogvideox 600)")
     parser.add_argument("--dit-iters", type=int, default=None,
-                        help="transformer iterations (default: wan 6000, cogvideox 5000)")
+                        help="transformer iterations (default: wan 10000, cogvideox 5000)")
     parser.add_argument("--batch-size", type=int, default=8, help="VAE batch size (clips)")
     parser.add_argument("--dit-batch-size", type=int, default=32, help="transformer batch size")
     parser.add_argument("--seed", type=int, default=0)
