@@ -339,29 +339,12 @@ def heldout_denoising_loss(policy, *, n_seeds: int = 2, t_points: int = 8) -> fl
 
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def sample_videos(policy, prompts: list[str], seeds: list[int], *, steps: int = 20, guidance_scale: float = 1.0,
-                  batch: int = 16) -> Tensor:
-    """Deterministic DDIM / Euler sampling from per-prompt seeded noise; pixels ``[B, 3, F, H, W]``."""
-    sch = policy.schedule
-    grid = sch.timesteps(steps)
-    out = []
-    for i in range(0, len(prompts), batch):
-        ps, ss = prompts[i:i + batch], seeds[i:i + batch]
-        x = torch.stack([torch.randn(policy.latent_shape, generator=torch.Generator().manual_seed(int(s)))
-                         for s in ss])
-        emb, _ = policy.encode_prompts(ps)
-        null = policy.encode_prompts([""] * len(ps))[0] if guidance_scale != 1.0 else None
-        for t_val, s_val in zip(grid[:-1], grid[1:]):
-            t = torch.full((len(ps),), float(t_val))
-            native = policy.predict(x, t, emb)
-            if null is not None:
-                native_u = policy.predict(x, t, null)
-                native = native_u + guidance_scale * (native - native_u)
-            x0 = sch.to_x0(native, x, t)
-            eps = sch.to_eps(native, x, t)
-            x, _ = sch.ddim_step(x0, eps, t, torch.full((len(ps),), float(s_val)))
-        out.append(policy.decode(x))
-    return torch.cat(out)
+def sample_videos(policy, prompts: list[str], seeds: list[int], *, steps: int = 20, batch: int = 16) -> Tensor:
+    """Deterministic ODE samples (:func:`trl_video.evaluation.sample_videos`) decoded to pixels ``[B, 3, F, H, W]``."""
+    from .evaluation import sample_videos as sample_latents
+
+    lat = sample_latents(policy, prompts, seeds, steps, batch_size=batch)
+    return torch.cat([policy.decode(lat[i:i + batch]) for i in range(0, len(lat), batch)])
 
 
 _COLOR_NAMES = list(world.COLORS)
@@ -442,15 +425,14 @@ def _eval_items(split: str, n_seeds: int, max_caps: int | None = None) -> list[t
     return [(c, _EVAL_SEED_BASE + 100_000 + 1000 * k + i) for k in range(n_seeds) for i, c in enumerate(caps)]
 
 
-def evaluate(policy, *, steps: int, heldout_seeds: int, train_caps: int, guidance_scale: float = 1.0
+def evaluate(policy, *, steps: int, heldout_seeds: int, train_caps: int
              ) -> tuple[dict[str, Any], Tensor, list[world.Caption]]:
     out: dict[str, Any] = {}
     held_videos, held_caps = None, None
     for split, items in (("heldout", _eval_items("heldout", heldout_seeds)),
                          ("train", _eval_items("train", 1, max_caps=train_caps))):
         caps = [c for c, _ in items]
-        vids = sample_videos(policy, [c.text for c in caps], [s for _, s in items], steps=steps,
-                             guidance_scale=guidance_scale)
+        vids = sample_videos(policy, [c.text for c in caps], [s for _, s in items], steps=steps)
         out[split] = score_videos(vids, caps)
         if split == "heldout":
             held_videos, held_caps = vids, caps

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 from trl_video.components.base import TrainContext
-from trl_video.models.schedule import NoiseSchedule
+
+from vidrl_plugin_dmalign.toy import ToyPolicy
 
 torch.set_num_threads(1)  # the CI machine is shared; 1 thread is faster than 2 contended ones
 
@@ -48,26 +49,6 @@ class ParamGenerator(nn.Module):
         return (x_t - (self.theta + self.c * x_t)) / s
 
 
-class StubPolicy:
-    def __init__(self, generator: nn.Module, real: nn.Module, latent_shape):
-        self.transformer = generator
-        self.real = real
-        self.schedule = NoiseSchedule("flow")
-        self.latent_shape = tuple(latent_shape)
-
-    def predict(self, x_t, t, emb, transformer=None):
-        net = transformer if transformer is not None else self.transformer
-        t = torch.as_tensor(t, dtype=torch.float32)
-        return net(x_t, t.expand(x_t.shape[0]) if t.ndim == 0 else t)
-
-    @contextlib.contextmanager
-    def reference(self):
-        yield self.real
-
-    def encode_prompts(self, prompts):
-        return torch.zeros(len(prompts), 1, 1), torch.ones(len(prompts), 1)
-
-
 class StubOffline:
     def __init__(self, prompts, latents):
         self.prompts, self.latents = list(prompts), latents
@@ -87,7 +68,7 @@ def make_ctx(generator: nn.Module, real: nn.Module, latent_shape, method_config,
     acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0,
                           autocast=contextlib.nullcontext)
     cfg = SimpleNamespace(seed=0, group_size=group_size, lora_target_modules=["to_q"], gradient_checkpointing=False)
-    return TrainContext(policy=StubPolicy(generator, real, latent_shape), config=cfg, accelerator=acc, reward=None,
+    return TrainContext(policy=ToyPolicy(generator, real, latent_shape), config=cfg, accelerator=acc, reward=None,
                         method_config=method_config, generator=torch.Generator().manual_seed(seed), offline=offline)
 
 

@@ -37,23 +37,12 @@ def _noise(policy: Any, seeds: list[int], salt: int = 0) -> torch.Tensor:
                         for s in seeds])
 
 
-@torch.no_grad()
 def ode_samples(policy: Any, prompts: list[str], seeds: list[int], num_steps: int, net: Any = None,
                 bs: int = 64) -> torch.Tensor:
-    """Euler ODE (the teacher's sampler) on the policy's (shifted) grid."""
-    sch = policy.schedule
-    grid = sch.timesteps(num_steps)
-    out = []
-    for i in range(0, len(prompts), bs):
-        ps, ss = prompts[i:i + bs], seeds[i:i + bs]
-        x = _noise(policy, ss)
-        emb, _ = policy.encode_prompts(ps)
-        for k in range(num_steps):
-            t, s = grid[k], grid[k + 1]
-            native = policy.predict(x, t.expand(len(ps)), emb, transformer=net)
-            x, _ = sch.ddim_step(sch.to_x0(native, x, t), sch.to_eps(native, x, t), t, s)
-        out.append(x)
-    return torch.cat(out)
+    """The teacher's deterministic ODE sampler (the core's evaluation sampler) from :func:`_noise`'s noises."""
+    from trl_video.evaluation import sample_videos
+
+    return sample_videos(policy, prompts, [s * 1009 for s in seeds], num_steps, transformer=net, batch_size=bs)
 
 
 @torch.no_grad()
@@ -133,17 +122,14 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def decoded_features(policy: Any, latents: torch.Tensor, bs: int = 64) -> torch.Tensor:
-    return torch.cat([video_features(policy.decode(latents[i:i + bs])) for i in range(0, len(latents), bs)])
+def decode_all(policy: Any, latents: torch.Tensor, bs: int = 64) -> torch.Tensor:
+    return torch.cat([policy.decode(latents[i:i + bs]) for i in range(0, len(latents), bs)])
 
 
-@torch.no_grad()
-def alignment_reward(policy: Any, latents: torch.Tensor, prompts: list[str], bs: int = 64) -> float:
+def alignment_reward(pixels: torch.Tensor, prompts: list[str]) -> float:
     from trl_video.components.rewards import AlignmentReward
 
-    rew = AlignmentReward()
-    vals = [rew(policy.decode(latents[i:i + bs]), prompts[i:i + bs]) for i in range(0, len(latents), bs)]
-    return float(torch.cat(vals).mean())
+    return float(AlignmentReward()(pixels, prompts).mean())
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -194,14 +180,20 @@ def _ref_sets(policy: Any, root: Path) -> dict[str, torch.Tensor]:
 
 def evaluate_samples(policy: Any, lat: torch.Tensor, sets: dict[str, torch.Tensor], prompts: list[str]) -> dict:
     """MMD^2 on latents and the Frechet distance of decoded-clip features (z-scored by the teacher-50 set) to the
-    teacher-50 set and to the preferred (ground-truth) set, plus the alignment reward."""
+    teacher-50 set and to the preferred (ground-truth) set, plus the alignment reward. The reference sets' features
+    are computed once and kept in ``sets``."""
     h = median_bandwidth(sets["teacher50"])
-    ref_t, ref_gt, mine = (decoded_features(policy, x) for x in (sets["teacher50"], sets["gt"], lat))
+    for name in ("teacher50", "gt"):
+        if f"features_{name}" not in sets:
+            sets[f"features_{name}"] = video_features(decode_all(policy, sets[name]))
+    ref_t, ref_gt = sets["features_teacher50"], sets["features_gt"]
+    pixels = decode_all(policy, lat)
+    mine = video_features(pixels)
     mu, sd = ref_t.mean(0), ref_t.std(0).clamp_min(1e-6)
     z = lambda f: (f - mu) / sd  # noqa: E731
     return {"fd_teacher50": frechet_distance(z(mine), z(ref_t)), "fd_preferred": frechet_distance(z(mine), z(ref_gt)),
             "mmd2_teacher50": mmd2(lat, sets["teacher50"], h), "mmd2_preferred": mmd2(lat, sets["gt"], h),
-            "reward_alignment": alignment_reward(policy, lat, prompts), "bandwidth": h, "n": len(lat)}
+            "reward_alignment": alignment_reward(pixels, prompts), "bandwidth": h, "n": len(lat)}
 
 
 def run_baselines(model: str, root: Path) -> dict:

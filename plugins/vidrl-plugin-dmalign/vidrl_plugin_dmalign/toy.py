@@ -63,10 +63,10 @@ class ToyNet(nn.Module):
 class ToyPolicy:
     """The few things the loss and the core sampler use from a VideoPolicy."""
 
-    def __init__(self, generator: nn.Module, teacher: nn.Module):
+    def __init__(self, generator: nn.Module, teacher: nn.Module, latent_shape: tuple[int, ...] = SHAPE):
         self.transformer, self._frozen_reference = generator, teacher
         self.schedule = NoiseSchedule("flow")
-        self.latent_shape = SHAPE
+        self.latent_shape = tuple(latent_shape)
         self.uses_lora = False
 
     def predict(self, x_t, t, emb, transformer=None):
