@@ -253,3 +253,23 @@ def test_branch_group_noise_shared_across_ranks(policy):
         out = BranchSampler(num_steps=3, eta=1.0, branch_steps=[1]).sample(ctx, prompts, emb, torch.tensor([0, 0]))
         noises.append(out.noise)
     assert torch.equal(noises[0], noises[1])
+
+
+# ------------------------------------------------------------------------------------------------ evaluation ODE + CFG
+def test_sample_videos_guidance_matches_hand_step():
+    """One guided Euler step by hand: x_1 = x_0 + (t_1 - t_0) (u + w (c - u)), u on the empty prompt; w = 1 is the
+    unguided sampler."""
+    from trl_video.evaluation import sample_videos
+
+    pol = build_random("wan")
+    x0 = torch.randn(*pol.latent_shape, generator=torch.Generator().manual_seed(11))[None]
+    emb, null = pol.encode_prompts(PROMPTS[:1])[0], pol.encode_prompts([""])[0]
+    grid = pol.schedule.timesteps(1)
+    with torch.no_grad():
+        c, u = pol.predict(x0, grid[0].expand(1), emb), pol.predict(x0, grid[0].expand(1), null)
+    for w in (1.0, 3.0):
+        want = x0 + (grid[1] - grid[0]) * (u + w * (c - u))
+        got = sample_videos(pol, PROMPTS[:1], [11], num_steps=1, guidance_scale=w)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(sample_videos(pol, PROMPTS[:1], [11], 1, guidance_scale=3.0),
+                              sample_videos(pol, PROMPTS[:1], [11], 1))
