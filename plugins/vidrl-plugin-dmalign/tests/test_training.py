@@ -130,3 +130,24 @@ def test_fake_trains_on_the_generator_phase_samples_before_the_update(tmp_path):
     assert len(calls) == 1  # x computed once, by the generator phase
     stored = [v for key, v in tr.ctx.state.items() if isinstance(key, tuple) and key[0] == "dmalign_x"]
     assert len(stored) == 1 and torch.equal(stored[0], calls[0])
+
+
+def test_real_score_guidance_is_cfg_on_the_frozen_teacher(tmp_path):
+    """real_guidance_scale w: x0_real = u + w (c - u) with c, u the teacher's x0 predictions on the prompt and on the
+    empty prompt (computed here directly from the frozen reference); w = 1 is the conditional prediction."""
+    from trl_video.components.samplers import predict
+
+    tr = VideoRewardTrainer(_config(tmp_path, method_args={"align": "none", "align_weight": 0.0,
+                                                           "real_guidance_scale": 3.0}))
+    ctx, pol = tr.ctx, tr.policy
+    g = torch.Generator().manual_seed(5)
+    x_t = torch.randn(2, *pol.latent_shape, generator=g)
+    t = torch.tensor([0.3, 0.8])
+    emb = pol.encode_prompts(["a red circle moving left", "a blue square moving up"])[0]
+    with torch.no_grad(), pol.reference() as ref:
+        c = predict(ctx, ref, x_t, t, emb)[1]
+        u = predict(ctx, ref, x_t, t, pol.encode_prompts(["", ""])[0])[1]
+    torch.testing.assert_close(tr.loss.real_x0(ctx, x_t, t, emb), u + 3.0 * (c - u), atol=1e-5, rtol=1e-4)
+    tr.loss.cfg.real_guidance_scale = 1.0
+    torch.testing.assert_close(tr.loss.real_x0(ctx, x_t, t, emb), c, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(c, u)

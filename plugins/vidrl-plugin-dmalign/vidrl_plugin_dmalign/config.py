@@ -36,9 +36,11 @@ class DMAlignConfig:
                                  "line 4: t ~ Uniform(T), one per step) or 'last'.")
     t_min: float = _f(0.02, "Smallest noise level t of F(x, t) for the DMD / align / fake losses (DMD2: 0.02 T).")
     t_max: float = _f(0.98, "Largest noise level t (DMD2: 0.98 T).")
-    real_guidance_scale: float = _f(1.0, "Classifier-free guidance on the real score (DMD2 uses > 1 for text-to-"
-                                         "image; 1 = the teacher's unguided distribution, what the distillation "
-                                         "distance measures).")
+    real_guidance_scale: float = _f(1.0, "Classifier-free guidance w on the real score, x0_real = u + w (c - u) "
+                                         "with u on the empty prompt (DMD2: > 1 for text-to-image; the paper does not "
+                                         "say). Set it to the CFG the teacher is sampled with (Wan2.1 5, CogVideoX 6; "
+                                         "the recipes do): the student then learns the guided teacher. 1 = the "
+                                         "unguided teacher.")
     normalize: bool = _f(True, "DMD2 per-sample normalisation: divide the DMD direction by mean|x - x0_real| "
                                "(the align direction by mean|x - x0_fake(F(x+))|).")
     align_norm: str = _f("dmd", "Scale of the align latent gradient: 'dmd' (rescale it to the DMD gradient's batch "

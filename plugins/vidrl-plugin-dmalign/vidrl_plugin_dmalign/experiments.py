@@ -1,9 +1,12 @@
 """DM-Align experiments on the CPU world (``trl-video bench dmalign <what> [options]``).
 
-* ``baselines``: the teacher at 50 ODE steps (two independent seed sets: the MMD noise floor), the teacher at 4 ODE
-  steps and the teacher run as a 4-step ``fewstep`` generator (= the student at initialisation).
-* ``train --variant dmd|pair|group``: trains the 4-step student with DM-Align through ``VideoRewardTrainer`` and
-  evaluates it like the baselines.
+* ``baselines``: the teacher at 50 ODE steps with CFG ``--guidance`` (on the evaluation noises: the noise floor), the
+  teacher at 4 ODE steps with the same CFG and the teacher run as a 4-step ``fewstep`` generator without CFG (= the
+  student at initialisation).
+* ``train --variant dmd|pair|group``: trains the 4-step student with DM-Align through ``VideoRewardTrainer`` (the DMD
+  real score with the same CFG) and evaluates it like the baselines, plus its FD difference to the teacher's 4-step
+  ODE with a paired bootstrap s.e.; ``--eval-every N`` records a learning curve.
+* ``rescore``: evaluates saved ``samples_*.pt`` of earlier runs again.
 * ``table``: the paper-Table-1-style comparison of everything measured so far (markdown).
 * ``memory``: parameter / optimiser memory of the three roles (tiny-wan measured; Wan2.1-1.3B from its config
   instantiated on the meta device).
@@ -11,9 +14,9 @@
 Distances: the Frechet distance (the FID/FVD formula) between Gaussian fits of 13 hand-made features of the decoded
 clips (object area, colour, position, displacement, sharpness, frame difference; z-scored by the teacher-50 set),
 and the unbiased MMD^2 with an RBF kernel on flattened normalised latents (bandwidth = median pairwise distance
-of the teacher-50 set, fixed for every comparison), against (a) the teacher's 50-step distribution (distillation)
-and (b) the preferred set (ground-truth world clips encoded with the VAE, the Pair target). Reward: the built-in
-differentiable ``alignment`` reward on decoded clips (ground truth scores about 0.8).
+of the teacher-50 set, fixed for every comparison), against (a) the teacher's 50-step distribution (distillation;
+sampled on noises independent of the evaluated models' noises) and (b) the preferred set (ground-truth world clips
+encoded with the VAE, the Pair target). Reward: the built-in differentiable ``alignment`` reward on decoded clips.
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ def _noise(policy: Any, seeds: list[int], salt: int = 0) -> torch.Tensor:
 
 
 def ode_samples(policy: Any, prompts: list[str], seeds: list[int], num_steps: int, net: Any = None,
-                bs: int = 64) -> torch.Tensor:
-    """The teacher's deterministic ODE sampler (the core's evaluation sampler) from :func:`_noise`'s noises."""
+                bs: int = 64, guidance_scale: float = 1.0) -> torch.Tensor:
+    """The teacher's deterministic ODE sampler (the core's evaluation sampler, CFG ``guidance_scale``) from
+    :func:`_noise`'s noises."""
     from trl_video.evaluation import sample_videos
 
-    return sample_videos(policy, prompts, [s * 1009 for s in seeds], num_steps, transformer=net, batch_size=bs)
+    return sample_videos(policy, prompts, [s * 1009 for s in seeds], num_steps, transformer=net, batch_size=bs,
+                         guidance_scale=guidance_scale)
 
 
 @torch.no_grad()
@@ -121,15 +126,36 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mu_a - mu_b).pow(2).sum() + torch.trace(s_a) + torch.trace(s_b) - 2 * cross)
 
 
+def bootstrap_se(a: torch.Tensor, b: torch.Tensor, n: int = 200, seed: int = 0) -> float:
+    """Standard error of ``frechet_distance(a, b)`` from resampling the evaluated set ``a`` (the reference fixed)."""
+    g = torch.Generator().manual_seed(seed)
+    fds = [frechet_distance(a[torch.randint(len(a), (len(a),), generator=g)], b) for _ in range(n)]
+    return float(torch.tensor(fds).std())
+
+
+def paired_gap(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor, n: int = 500, seed: int = 0) -> dict:
+    """``FD(a, ref) - FD(b, ref)`` for two feature sets of the same prompts and noises, with the s.e. and the share
+    of resamples >= 0 from a paired bootstrap (one index draw for both sets)."""
+    g = torch.Generator().manual_seed(seed)
+    d = []
+    for _ in range(n):
+        i = torch.randint(len(a), (len(a),), generator=g)
+        d.append(frechet_distance(a[i], ref) - frechet_distance(b[i], ref))
+    dt = torch.tensor(d)
+    return {"fd_minus_teacher_ode": frechet_distance(a, ref) - frechet_distance(b, ref),
+            "fd_minus_teacher_ode_se": float(dt.std()), "fd_minus_teacher_ode_p": float((dt >= 0).float().mean())}
+
+
 @torch.no_grad()
 def decode_all(policy: Any, latents: torch.Tensor, bs: int = 64) -> torch.Tensor:
     return torch.cat([policy.decode(latents[i:i + bs]) for i in range(0, len(latents), bs)])
 
 
-def alignment_reward(pixels: torch.Tensor, prompts: list[str]) -> float:
+def alignment_reward(pixels: torch.Tensor, prompts: list[str], per_sample: bool = False) -> Any:
     from trl_video.components.rewards import AlignmentReward
 
-    return float(AlignmentReward()(pixels, prompts).mean())
+    r = AlignmentReward()(pixels, prompts).detach().float()
+    return r if per_sample else float(r.mean())
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -163,25 +189,40 @@ def build_preferred_set(policy: Any, out: str, n: int = 480, seed: int = 77) -> 
     return out
 
 
+
 # ------------------------------------------------------------------------------------------------ experiments
-def _ref_sets(policy: Any, root: Path) -> dict[str, torch.Tensor]:
-    """Teacher-50 reference set and ground-truth (preferred) eval set, cached on disk."""
-    cache = root / "reference_sets.pt"
-    if cache.exists():
-        return torch.load(cache, weights_only=True)
+REF_SEED_OFFSET = 500_000  # the reference sets' noises are independent of the evaluated models' noises
+
+
+def _ref_sets(policy: Any, root: Path, guidance_scale: float) -> dict[str, torch.Tensor]:
+    """Teacher-50 reference set (CFG ``guidance_scale``, on noises independent of the evaluation noises, so that a
+    deterministic sampler of the same teacher gets no advantage from shared noise), the teacher-50 set on the
+    evaluation noises (the noise floor) and the ground-truth (preferred) eval set, cached on disk."""
+    cache = root / f"reference_sets_w{guidance_scale:g}.pt"
     prompts, seeds = eval_set()
-    t50 = ode_samples(policy, prompts, seeds, 50)  # called on the freshly loaded teacher
-    t50b = ode_samples(policy, prompts, [s + 1 for s in seeds], 50)
-    gt = encode_world(policy, prompts, [s + 7 for s in seeds])
-    sets = {"teacher50": t50, "teacher50_b": t50b, "gt": gt}
-    torch.save(sets, cache)
+    if cache.exists():
+        sets = torch.load(cache, weights_only=True)
+    else:
+        w = guidance_scale  # called on the freshly loaded teacher
+        t50 = ode_samples(policy, prompts, [s + REF_SEED_OFFSET for s in seeds], 50, guidance_scale=w)
+        t50b = ode_samples(policy, prompts, seeds, 50, guidance_scale=w)
+        sets = {"teacher50": t50, "teacher50_b": t50b}
+        torch.save(sets, cache)
+    gt_cache = root / "preferred_eval.pt"
+    if gt_cache.exists():
+        sets["gt"] = torch.load(gt_cache, weights_only=True)
+    else:
+        sets["gt"] = encode_world(policy, prompts, [s + 7 for s in seeds])
+        torch.save(sets["gt"], gt_cache)
     return sets
 
 
-def evaluate_samples(policy: Any, lat: torch.Tensor, sets: dict[str, torch.Tensor], prompts: list[str]) -> dict:
+def evaluate_samples(policy: Any, lat: torch.Tensor, sets: dict[str, torch.Tensor], prompts: list[str],
+                     paired_with: torch.Tensor | None = None) -> dict:
     """MMD^2 on latents and the Frechet distance of decoded-clip features (z-scored by the teacher-50 set) to the
     teacher-50 set and to the preferred (ground-truth) set, plus the alignment reward. The reference sets' features
-    are computed once and kept in ``sets``."""
+    are computed once and kept in ``sets``. ``paired_with``: latents of another model on the same prompts and
+    noises (the teacher's 4-step ODE): adds the FD difference ``mine - other`` with its paired bootstrap s.e."""
     h = median_bandwidth(sets["teacher50"])
     for name in ("teacher50", "gt"):
         if f"features_{name}" not in sets:
@@ -189,23 +230,30 @@ def evaluate_samples(policy: Any, lat: torch.Tensor, sets: dict[str, torch.Tenso
     ref_t, ref_gt = sets["features_teacher50"], sets["features_gt"]
     pixels = decode_all(policy, lat)
     mine = video_features(pixels)
+    rewards = alignment_reward(pixels, prompts, per_sample=True)
     mu, sd = ref_t.mean(0), ref_t.std(0).clamp_min(1e-6)
     z = lambda f: (f - mu) / sd  # noqa: E731
     return {"fd_teacher50": frechet_distance(z(mine), z(ref_t)), "fd_preferred": frechet_distance(z(mine), z(ref_gt)),
+            "fd_teacher50_se": bootstrap_se(z(mine), z(ref_t)),
             "mmd2_teacher50": mmd2(lat, sets["teacher50"], h), "mmd2_preferred": mmd2(lat, sets["gt"], h),
-            "reward_alignment": alignment_reward(pixels, prompts), "bandwidth": h, "n": len(lat)}
+            "reward_alignment": float(rewards.mean()), "reward_alignment_se": float(rewards.std() / len(rewards) ** 0.5),
+            "bandwidth": h, "n": len(lat),
+            **(paired_gap(z(mine), z(video_features(decode_all(policy, paired_with))), z(ref_t))
+               if paired_with is not None else {})}
 
 
-def run_baselines(model: str, root: Path) -> dict:
+def run_baselines(model: str, root: Path, guidance_scale: float) -> dict:
     from trl_video.models.policy import load_policy
 
     policy = load_policy(model)
-    sets = _ref_sets(policy, root)
+    w = guidance_scale
+    sets = _ref_sets(policy, root, w)
     prompts, seeds = eval_set()
-    res = {"teacher50 (indep. seeds, noise floor)": {"nfe": 50, **evaluate_samples(policy, sets["teacher50_b"], sets,
-                                                                                      prompts)},
-           "teacher ODE 4-step": {"nfe": 4, **evaluate_samples(policy, ode_samples(policy, prompts, seeds, 4), sets,
-                                                                 prompts)},
+    nfe = 2 if w != 1.0 else 1  # network calls per step (CFG: conditional + unconditional)
+    res = {"teacher50 (indep. seeds, noise floor)": {"nfe": 50 * nfe, **evaluate_samples(
+               policy, sets["teacher50_b"], sets, prompts)},
+           "teacher ODE 4-step": {"nfe": 4 * nfe, **evaluate_samples(
+               policy, ode_samples(policy, prompts, seeds, 4, guidance_scale=w), sets, prompts)},
            "teacher fewstep 4 (student init)": {"nfe": 4, **evaluate_samples(
                policy, fewstep_samples(policy, prompts, seeds), sets, prompts)},
            "ground truth (preferred)": {"nfe": 0, **evaluate_samples(policy, sets["gt"], sets, prompts)}}
@@ -213,42 +261,71 @@ def run_baselines(model: str, root: Path) -> dict:
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "dmd": {"method_args": {"align": "none", "align_weight": 0.0}},
+    "dmd": {"method_args": {"align": "none", "align_weight": 0.0}, "sampler_args": {"num_steps": K, "grad": False}},
     "pair": {"method_args": {"align": "pair"}},
     "group": {"method_args": {"align": "group", "top_n": 2}, "prompts_per_step": 2, "group_size": 4},
 }
 
 
 def run_training(model: str, variant: str, steps: int, root: Path, lr: float, seed: int = 0,
-                 fake_lr: float | None = None, prompts_per_step: int = 4) -> dict:
+                 fake_lr: float | None = None, prompts_per_step: int = 4, guidance_scale: float = 1.0,
+                 method_args: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+                 eval_every: int = 0, tag: str = "") -> dict:
     from trl_video.config import config_from_dict
     from trl_video.models.policy import load_policy
     from trl_video.trainer import VideoRewardTrainer
 
     policy = load_policy(model)
-    sets = _ref_sets(policy, root)
+    sets = _ref_sets(policy, root, guidance_scale)
     rec: dict[str, Any] = dict(model=model, method="dmalign", reward="alignment", prompts="world:train",
                                prompts_per_step=prompts_per_step, group_size=2, max_steps=steps, learning_rate=lr,
                                use_lora=False, output_dir=str(root / f"run_{variant}_{int(time.time())}"),
                                report_to="none", save_model_at_end=False, save_total_limit=1, seed=seed,
                                logging_steps=10)
     over = dict(VARIANTS[variant])
-    rec["method_args"] = dict(over.pop("method_args"), **({"fake_lr": fake_lr} if fake_lr else {}))
+    rec["method_args"] = dict(over.pop("method_args"), real_guidance_scale=guidance_scale,
+                              **({"fake_lr": fake_lr} if fake_lr else {}), **(method_args or {}))
     rec.update(over)
+    rec.update(overrides or {})
     if variant == "pair":
         rec["offline_latents"] = build_preferred_set(policy, str(root / "preferred_latents"))
+    prompts, seeds = eval_set()
+    curve: list[dict[str, float]] = []
+
+    class LearningCurve:  # a transformers-style callback: the distances every `eval_every` steps
+        def on_step_end(self, args: Any, state: Any, control: Any, trainer: Any = None, **kw: Any) -> None:
+            if eval_every and state.global_step % eval_every == 0 and state.global_step < steps:
+                ev = evaluate_samples(trainer.policy, fewstep_samples(trainer.policy, prompts, seeds), sets, prompts)
+                curve.append({"step": state.global_step, **{k: round(ev[k], 4) for k in (
+                    "fd_teacher50", "fd_preferred", "reward_alignment")}})
+                print(json.dumps(curve[-1]), flush=True)
+
     t0 = time.time()
-    tr = VideoRewardTrainer(config_from_dict(rec), policy=policy)
+    tr = VideoRewardTrainer(config_from_dict(rec), policy=policy, callbacks=[LearningCurve()])
     tr.train()
     secs = time.time() - t0
-    prompts, seeds = eval_set()
     lat = fewstep_samples(tr.policy, prompts, seeds)
-    torch.save(lat, root / f"samples_{variant}.pt")  # for re-analysis without retraining
-    ev = evaluate_samples(tr.policy, lat, sets, prompts)
+    name = f"samples_{variant}{'_' + tag if tag else ''}_w{guidance_scale:g}.pt"
+    torch.save(lat, root / name)  # re-analysis without retraining
+    teacher_ode = ode_samples(load_policy(model), prompts, seeds, K, guidance_scale=guidance_scale)
+    ev = evaluate_samples(tr.policy, lat, sets, prompts, paired_with=teacher_ode)
     hist = tr.history
-    return {"nfe": K, "steps": steps, "train_seconds": round(secs, 1), "recipe": rec, **ev,
+    return {"nfe": K, "steps": steps, "train_seconds": round(secs, 1), "recipe": rec, **ev, "curve": curve,
             "train_reward_first": hist[0].get("reward_mean") if hist else None,
             "train_reward_last": hist[-1].get("reward_mean") if hist else None}
+
+
+def rescore(model: str, root: Path, guidance_scale: float, files: list[str], suffix: str) -> dict:
+    """Evaluate saved student samples (``samples_*.pt`` of earlier ``train`` runs) against the reference sets without
+    retraining (e.g. after a change of the metrics)."""
+    from trl_video.models.policy import load_policy
+
+    policy = load_policy(model)
+    sets = _ref_sets(policy, root, guidance_scale)
+    prompts, seeds = eval_set()
+    teacher_ode = ode_samples(policy, prompts, seeds, K, guidance_scale=guidance_scale)
+    return {f"{Path(f).stem}{suffix}": {"nfe": K, **evaluate_samples(
+        policy, torch.load(root / f, weights_only=True), sets, prompts, paired_with=teacher_ode)} for f in files}
 
 
 def role_memory_report(model: str) -> dict:
@@ -301,12 +378,13 @@ def _accounting(n_all: int, n_train: int, lora: bool, bytes_: int) -> dict:
 
 def table(root: Path) -> str:
     res = json.loads((root / "results.json").read_text()) if (root / "results.json").exists() else {}
-    rows = ["| model | NFE | FD to teacher-50 (lower = better distilled) | FD to preferred set | "
+    rows = ["| model | NFE | FD to teacher-50 +- bootstrap s.e. (lower = better distilled) | FD to preferred set | "
             "MMD^2 to teacher-50 | MMD^2 to preferred | alignment reward |", "|---|---|---|---|---|---|---|"]
     for name, r in res.items():
         if not isinstance(r, dict) or "mmd2_teacher50" not in r:
             continue
-        fd = (f"{r['fd_teacher50']:.3f} | {r['fd_preferred']:.3f}" if "fd_teacher50" in r else "- | -")
+        se = f" +- {r['fd_teacher50_se']:.3f}" if "fd_teacher50_se" in r else ""
+        fd = (f"{r['fd_teacher50']:.3f}{se} | {r['fd_preferred']:.3f}" if "fd_teacher50" in r else "- | -")
         rows.append(f"| {name} | {r['nfe']} | {fd} | {r['mmd2_teacher50']:.4f} | {r['mmd2_preferred']:.4f} | "
                     f"{r['reward_alignment']:.3f} |")
     return "\n".join(rows)
@@ -321,17 +399,24 @@ def _save(root: Path, updates: dict) -> None:
 
 def bench_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="trl-video bench dmalign")
-    ap.add_argument("what", choices=["toy", "baselines", "train", "table", "memory", "preferred"])
+    ap.add_argument("what", choices=["toy", "baselines", "train", "table", "memory", "preferred", "rescore"])
     ap.add_argument("--model", default="tiny-cogvideox")
     ap.add_argument("--variant", choices=list(VARIANTS), default="dmd")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--fake-lr", type=float, default=None)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--fake-lr", type=float, default=1e-4)
     ap.add_argument("--prompts-per-step", type=int, default=4, help="dmd / pair (group: its own 2 x 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--guidance", type=float, default=6.0,
+                    help="CFG scale of the teacher (default 6 = the CogVideoX pipeline default): the reference sets, the "
+                         "teacher's 4-step ODE and the DMD real score")
+    ap.add_argument("--method-args", default="{}", help="JSON merged into method_args, e.g. '{\"dmd_step\": \"last\"}'")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="recipe overrides, e.g. adam_beta1=0.0")
+    ap.add_argument("--eval-every", type=int, default=0, help="learning curve: distances every N training steps")
+    ap.add_argument("--samples", nargs="*", default=[], help="rescore: saved samples_*.pt files in --out")
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(a.threads)
@@ -348,12 +433,17 @@ def bench_main(argv: list[str]) -> int:
 
         print(build_preferred_set(load_policy(a.model), str(root / "preferred_latents")))
         return 0
+    suffix = f" [w={a.guidance:g}]"
     if a.what == "baselines":
-        _save(root, run_baselines(a.model, root))
+        _save(root, {k + suffix: v for k, v in run_baselines(a.model, root, a.guidance).items()})
+    elif a.what == "rescore":
+        _save(root, rescore(a.model, root, a.guidance, a.samples, suffix))
     elif a.what == "train":
         name = {"dmd": "DMD only (align weight 0)", "pair": "DM-Align (Pair)", "group": "DM-Align (Group)"}[a.variant]
-        _save(root, {name + a.tag: run_training(a.model, a.variant, a.steps, root, a.lr, a.seed,
-                                                  a.fake_lr, a.prompts_per_step)})
+        overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+        _save(root, {f"{name}{a.tag}{suffix}": run_training(
+            a.model, a.variant, a.steps, root, a.lr, a.seed, a.fake_lr, a.prompts_per_step, a.guidance,
+            json.loads(a.method_args), overrides, a.eval_every, a.tag.strip().replace(" ", "_"))})
     elif a.what == "memory":
         rep = role_memory_report(a.model)
         _save(root, {"memory": rep})
