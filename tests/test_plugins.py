@@ -225,3 +225,20 @@ def test_cli_plugins_lists_every_hook_point(tmp_path: Path) -> None:
     assert any(r[:2] == ["refl", "trl-video"] for r in sections["methods"])
     names = {r[0] for r in sections["rewards"]}
     assert {"alignment", "luminance", "motion"} <= names
+
+
+def test_every_data_file_of_the_core_is_packaged() -> None:
+    """Non-Python files under trl_video/ (templates, tiny model assets) must be matched by the setuptools
+    package-data globs, or a wheel install lacks them (the model card template once was)."""
+    import glob
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    pkg = root / "trl_video"
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["trl_video"]
+    packaged = {Path(p).resolve() for g in globs for p in glob.glob(str(pkg / g), recursive=True)}
+    data = [p.resolve() for p in pkg.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
+            and "__pycache__" not in p.parts]
+    assert data, "expected templates and assets"
+    missing = [str(p.relative_to(pkg)) for p in data if p not in packaged]
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
