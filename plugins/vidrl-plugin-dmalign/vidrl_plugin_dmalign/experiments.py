@@ -176,8 +176,26 @@ def encode_world(policy: Any, prompts: list[str], seeds: list[int], bs: int = 32
                       for i in range(0, len(prompts), bs)])
 
 
-def build_preferred_set(policy: Any, out: str, n: int = 480, seed: int = 77) -> str:
-    """Ground-truth world clips of the train captions encoded with the VAE: the DM-Pair preferred latents."""
+PREFERRED_KINDS = ("world", "teacher-best")
+
+
+def preferred_latents(policy: Any, prompts: list[str], seeds: list[int], kind: str, guidance_scale: float) -> torch.Tensor:
+    """One preferred latent per (prompt, seed). 'world': the ground-truth world clip, encoded with the VAE (real
+    videos). 'teacher-best': the better, by the alignment reward, of two teacher samples (50 DDIM steps, CFG
+    ``guidance_scale``; a curated best-of-2 set, which lies inside the teacher's distribution)."""
+    if kind == "world":
+        return encode_world(policy, prompts, seeds)
+    cands = [ode_samples(policy, prompts, [s * 7 + j for s in seeds], 50, guidance_scale=guidance_scale)
+             for j in (1, 2)]
+    rewards = torch.stack([alignment_reward(decode_all(policy, c), prompts, per_sample=True) for c in cands])
+    pick = rewards.argmax(0).view(-1, *([1] * (cands[0].ndim - 1)))
+    return torch.where(pick == 0, cands[0], cands[1])
+
+
+def build_preferred_set(policy: Any, out: str, n: int = 480, seed: int = 77, kind: str = "world",
+                        guidance_scale: float = 1.0) -> str:
+    """Preferred latents (:func:`preferred_latents`) of ``n`` train captions as an offline-latents dataset: the
+    DM-Pair preferred set."""
     from trl_video import world
     from trl_video.data import save_offline_latents
 
@@ -185,8 +203,13 @@ def build_preferred_set(policy: Any, out: str, n: int = 480, seed: int = 77) -> 
         return out
     recs = world.world_examples("train", n, seed=seed)
     prompts, seeds = [r["prompt"] for r in recs], [r["seed"] for r in recs]
-    save_offline_latents(out, prompts, encode_world(policy, prompts, seeds), source="real")
+    save_offline_latents(out, prompts, preferred_latents(policy, prompts, seeds, kind, guidance_scale),
+                         source="real" if kind == "world" else "generated")
     return out
+
+
+def preferred_dir(root: Path, kind: str, guidance_scale: float) -> str:
+    return str(root / ("preferred_latents" if kind == "world" else f"preferred_latents_{kind}_w{guidance_scale:g}"))
 
 
 
@@ -194,7 +217,7 @@ def build_preferred_set(policy: Any, out: str, n: int = 480, seed: int = 77) -> 
 REF_SEED_OFFSET = 500_000  # the reference sets' noises are independent of the evaluated models' noises
 
 
-def _ref_sets(policy: Any, root: Path, guidance_scale: float) -> dict[str, torch.Tensor]:
+def _ref_sets(policy: Any, root: Path, guidance_scale: float, preferred: str = "world") -> dict[str, torch.Tensor]:
     """Teacher-50 reference set (CFG ``guidance_scale``, on noises independent of the evaluation noises, so that a
     deterministic sampler of the same teacher gets no advantage from shared noise), the teacher-50 set on the
     evaluation noises (the noise floor) and the ground-truth (preferred) eval set, cached on disk."""
@@ -208,11 +231,11 @@ def _ref_sets(policy: Any, root: Path, guidance_scale: float) -> dict[str, torch
         t50b = ode_samples(policy, prompts, seeds, 50, guidance_scale=w)
         sets = {"teacher50": t50, "teacher50_b": t50b}
         torch.save(sets, cache)
-    gt_cache = root / "preferred_eval.pt"
+    gt_cache = root / ("preferred_eval.pt" if preferred == "world" else f"preferred_eval_{preferred}_w{guidance_scale:g}.pt")
     if gt_cache.exists():
         sets["gt"] = torch.load(gt_cache, weights_only=True)
     else:
-        sets["gt"] = encode_world(policy, prompts, [s + 7 for s in seeds])
+        sets["gt"] = preferred_latents(policy, prompts, [s + 7 for s in seeds], preferred, guidance_scale)
         torch.save(sets["gt"], gt_cache)
     return sets
 
@@ -242,12 +265,12 @@ def evaluate_samples(policy: Any, lat: torch.Tensor, sets: dict[str, torch.Tenso
                if paired_with is not None else {})}
 
 
-def run_baselines(model: str, root: Path, guidance_scale: float) -> dict:
+def run_baselines(model: str, root: Path, guidance_scale: float, preferred: str = "world") -> dict:
     from trl_video.models.policy import load_policy
 
     policy = load_policy(model)
     w = guidance_scale
-    sets = _ref_sets(policy, root, w)
+    sets = _ref_sets(policy, root, w, preferred)
     prompts, seeds = eval_set()
     nfe = 2 if w != 1.0 else 1  # network calls per step (CFG: conditional + unconditional)
     res = {"teacher50 (indep. seeds, noise floor)": {"nfe": 50 * nfe, **evaluate_samples(
@@ -256,7 +279,8 @@ def run_baselines(model: str, root: Path, guidance_scale: float) -> dict:
                policy, ode_samples(policy, prompts, seeds, 4, guidance_scale=w), sets, prompts)},
            "teacher fewstep 4 (student init)": {"nfe": 4, **evaluate_samples(
                policy, fewstep_samples(policy, prompts, seeds), sets, prompts)},
-           "ground truth (preferred)": {"nfe": 0, **evaluate_samples(policy, sets["gt"], sets, prompts)}}
+           ("ground truth (preferred)" if preferred == "world" else f"preferred set ({preferred})"): {
+               "nfe": 0, **evaluate_samples(policy, sets["gt"], sets, prompts)}}
     return res
 
 
@@ -270,13 +294,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def run_training(model: str, variant: str, steps: int, root: Path, lr: float, seed: int = 0,
                  fake_lr: float | None = None, prompts_per_step: int = 4, guidance_scale: float = 1.0,
                  method_args: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-                 eval_every: int = 0, tag: str = "") -> dict:
+                 eval_every: int = 0, tag: str = "", preferred: str = "world") -> dict:
     from trl_video.config import config_from_dict
     from trl_video.models.policy import load_policy
     from trl_video.trainer import VideoRewardTrainer
 
     policy = load_policy(model)
-    sets = _ref_sets(policy, root, guidance_scale)
+    sets = _ref_sets(policy, root, guidance_scale, preferred)
     rec: dict[str, Any] = dict(model=model, method="dmalign", reward="alignment", prompts="world:train",
                                prompts_per_step=prompts_per_step, group_size=2, max_steps=steps, learning_rate=lr,
                                use_lora=False, output_dir=str(root / f"run_{variant}_{int(time.time())}"),
@@ -288,7 +312,8 @@ def run_training(model: str, variant: str, steps: int, root: Path, lr: float, se
     rec.update(over)
     rec.update(overrides or {})
     if variant == "pair":
-        rec["offline_latents"] = build_preferred_set(policy, str(root / "preferred_latents"))
+        rec["offline_latents"] = build_preferred_set(policy, preferred_dir(root, preferred, guidance_scale),
+                                                     kind=preferred, guidance_scale=guidance_scale)
     prompts, seeds = eval_set()
     curve: list[dict[str, float]] = []
 
@@ -315,13 +340,14 @@ def run_training(model: str, variant: str, steps: int, root: Path, lr: float, se
             "train_reward_last": hist[-1].get("reward_mean") if hist else None}
 
 
-def rescore(model: str, root: Path, guidance_scale: float, files: list[str], suffix: str) -> dict:
+def rescore(model: str, root: Path, guidance_scale: float, files: list[str], suffix: str,
+            preferred: str = "world") -> dict:
     """Evaluate saved student samples (``samples_*.pt`` of earlier ``train`` runs) against the reference sets without
     retraining (e.g. after a change of the metrics)."""
     from trl_video.models.policy import load_policy
 
     policy = load_policy(model)
-    sets = _ref_sets(policy, root, guidance_scale)
+    sets = _ref_sets(policy, root, guidance_scale, preferred)
     prompts, seeds = eval_set()
     teacher_ode = ode_samples(policy, prompts, seeds, K, guidance_scale=guidance_scale)
     return {f"{Path(f).stem}{suffix}": {"nfe": K, **evaluate_samples(
@@ -416,6 +442,9 @@ def bench_main(argv: list[str]) -> int:
     ap.add_argument("--method-args", default="{}", help="JSON merged into method_args, e.g. '{\"dmd_step\": \"last\"}'")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="recipe overrides, e.g. adam_beta1=0.0")
     ap.add_argument("--eval-every", type=int, default=0, help="learning curve: distances every N training steps")
+    ap.add_argument("--preferred", choices=PREFERRED_KINDS, default="world",
+                    help="the Pair target and the 'FD to preferred' set: ground-truth world clips, or the best of two "
+                         "teacher samples by the alignment reward")
     ap.add_argument("--samples", nargs="*", default=[], help="rescore: saved samples_*.pt files in --out")
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -431,19 +460,20 @@ def bench_main(argv: list[str]) -> int:
     if a.what == "preferred":
         from trl_video.models.policy import load_policy
 
-        print(build_preferred_set(load_policy(a.model), str(root / "preferred_latents")))
+        print(build_preferred_set(load_policy(a.model), preferred_dir(root, a.preferred, a.guidance),
+                                  kind=a.preferred, guidance_scale=a.guidance))
         return 0
-    suffix = f" [w={a.guidance:g}]"
+    suffix = f" [w={a.guidance:g}{'' if a.preferred == 'world' else ', preferred=' + a.preferred}]"
     if a.what == "baselines":
-        _save(root, {k + suffix: v for k, v in run_baselines(a.model, root, a.guidance).items()})
+        _save(root, {k + suffix: v for k, v in run_baselines(a.model, root, a.guidance, a.preferred).items()})
     elif a.what == "rescore":
-        _save(root, rescore(a.model, root, a.guidance, a.samples, suffix))
+        _save(root, rescore(a.model, root, a.guidance, a.samples, suffix, a.preferred))
     elif a.what == "train":
         name = {"dmd": "DMD only (align weight 0)", "pair": "DM-Align (Pair)", "group": "DM-Align (Group)"}[a.variant]
         overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
         _save(root, {f"{name}{a.tag}{suffix}": run_training(
             a.model, a.variant, a.steps, root, a.lr, a.seed, a.fake_lr, a.prompts_per_step, a.guidance,
-            json.loads(a.method_args), overrides, a.eval_every, a.tag.strip().replace(" ", "_"))})
+            json.loads(a.method_args), overrides, a.eval_every, a.tag.strip().replace(" ", "_"), a.preferred)})
     elif a.what == "memory":
         rep = role_memory_report(a.model)
         _save(root, {"memory": rep})
