@@ -231,6 +231,7 @@ def test_every_data_file_of_the_core_is_packaged() -> None:
     """Non-Python files under trl_video/ (templates, tiny model assets) must be matched by the setuptools
     package-data globs, or a wheel install lacks them (the model card template once was)."""
     import glob
+
     import tomllib
 
     root = Path(__file__).resolve().parents[1]
