@@ -212,26 +212,28 @@ def preferred_dir(root: Path, kind: str, guidance_scale: float) -> str:
     return str(root / ("preferred_latents" if kind == "world" else f"preferred_latents_{kind}_w{guidance_scale:g}"))
 
 
-
 # ------------------------------------------------------------------------------------------------ experiments
 REF_SEED_OFFSET = 500_000  # the reference sets' noises are independent of the evaluated models' noises
 
 
 def _ref_sets(policy: Any, root: Path, guidance_scale: float, preferred: str = "world") -> dict[str, torch.Tensor]:
     """Teacher-50 reference set (CFG ``guidance_scale``, on noises independent of the evaluation noises, so that a
-    deterministic sampler of the same teacher gets no advantage from shared noise), the teacher-50 set on the
-    evaluation noises (the noise floor) and the ground-truth (preferred) eval set, cached on disk."""
+    deterministic sampler of the same teacher gets no advantage from shared noise), the teacher-50 set and the
+    teacher's 4-step ODE on the evaluation noises (the noise floor and the baseline every student is paired with)
+    and the preferred eval set, cached on disk. Call it on the freshly loaded teacher."""
     cache = root / f"reference_sets_w{guidance_scale:g}.pt"
     prompts, seeds = eval_set()
-    if cache.exists():
-        sets = torch.load(cache, weights_only=True)
-    else:
-        w = guidance_scale  # called on the freshly loaded teacher
-        t50 = ode_samples(policy, prompts, [s + REF_SEED_OFFSET for s in seeds], 50, guidance_scale=w)
-        t50b = ode_samples(policy, prompts, seeds, 50, guidance_scale=w)
-        sets = {"teacher50": t50, "teacher50_b": t50b}
+    w = guidance_scale
+    sets = torch.load(cache, weights_only=True) if cache.exists() else {}
+    todo = {"teacher50": ([s + REF_SEED_OFFSET for s in seeds], 50), "teacher50_b": (seeds, 50),
+            "teacher_ode4": (seeds, K)}
+    missing = {k: v for k, v in todo.items() if k not in sets}
+    for key, (noise_seeds, steps) in missing.items():
+        sets[key] = ode_samples(policy, prompts, noise_seeds, steps, guidance_scale=w)
+    if missing:
         torch.save(sets, cache)
-    gt_cache = root / ("preferred_eval.pt" if preferred == "world" else f"preferred_eval_{preferred}_w{guidance_scale:g}.pt")
+    name = "preferred_eval.pt" if preferred == "world" else f"preferred_eval_{preferred}_w{w:g}.pt"
+    gt_cache = root / name
     if gt_cache.exists():
         sets["gt"] = torch.load(gt_cache, weights_only=True)
     else:
@@ -241,13 +243,14 @@ def _ref_sets(policy: Any, root: Path, guidance_scale: float, preferred: str = "
 
 
 def evaluate_samples(policy: Any, lat: torch.Tensor, sets: dict[str, torch.Tensor], prompts: list[str],
-                     paired_with: torch.Tensor | None = None) -> dict:
+                     paired_with: str | None = None) -> dict:
     """MMD^2 on latents and the Frechet distance of decoded-clip features (z-scored by the teacher-50 set) to the
     teacher-50 set and to the preferred (ground-truth) set, plus the alignment reward. The reference sets' features
-    are computed once and kept in ``sets``. ``paired_with``: latents of another model on the same prompts and
-    noises (the teacher's 4-step ODE): adds the FD difference ``mine - other`` with its paired bootstrap s.e."""
+    are computed once and kept in ``sets``. ``paired_with``: the key in ``sets`` of another model's latents on the
+    same prompts and noises (``teacher_ode4``): adds the FD difference ``mine - other`` with its paired bootstrap
+    s.e."""
     h = median_bandwidth(sets["teacher50"])
-    for name in ("teacher50", "gt"):
+    for name in ("teacher50", "gt", *([paired_with] if paired_with else [])):
         if f"features_{name}" not in sets:
             sets[f"features_{name}"] = video_features(decode_all(policy, sets[name]))
     ref_t, ref_gt = sets["features_teacher50"], sets["features_gt"]
@@ -261,8 +264,7 @@ def evaluate_samples(policy: Any, lat: torch.Tensor, sets: dict[str, torch.Tenso
             "mmd2_teacher50": mmd2(lat, sets["teacher50"], h), "mmd2_preferred": mmd2(lat, sets["gt"], h),
             "reward_alignment": float(rewards.mean()), "reward_alignment_se": float(rewards.std() / len(rewards) ** 0.5),
             "bandwidth": h, "n": len(lat),
-            **(paired_gap(z(mine), z(video_features(decode_all(policy, paired_with))), z(ref_t))
-               if paired_with is not None else {})}
+            **(paired_gap(z(mine), z(sets[f"features_{paired_with}"]), z(ref_t)) if paired_with else {})}
 
 
 def run_baselines(model: str, root: Path, guidance_scale: float, preferred: str = "world") -> dict:
@@ -275,8 +277,7 @@ def run_baselines(model: str, root: Path, guidance_scale: float, preferred: str 
     nfe = 2 if w != 1.0 else 1  # network calls per step (CFG: conditional + unconditional)
     res = {"teacher50 (indep. seeds, noise floor)": {"nfe": 50 * nfe, **evaluate_samples(
                policy, sets["teacher50_b"], sets, prompts)},
-           "teacher ODE 4-step": {"nfe": 4 * nfe, **evaluate_samples(
-               policy, ode_samples(policy, prompts, seeds, 4, guidance_scale=w), sets, prompts)},
+           "teacher ODE 4-step": {"nfe": K * nfe, **evaluate_samples(policy, sets["teacher_ode4"], sets, prompts)},
            "teacher fewstep 4 (student init)": {"nfe": 4, **evaluate_samples(
                policy, fewstep_samples(policy, prompts, seeds), sets, prompts)},
            ("ground truth (preferred)" if preferred == "world" else f"preferred set ({preferred})"): {
@@ -332,8 +333,7 @@ def run_training(model: str, variant: str, steps: int, root: Path, lr: float, se
     lat = fewstep_samples(tr.policy, prompts, seeds)
     name = f"samples_{variant}{'_' + tag if tag else ''}_w{guidance_scale:g}.pt"
     torch.save(lat, root / name)  # re-analysis without retraining
-    teacher_ode = ode_samples(load_policy(model), prompts, seeds, K, guidance_scale=guidance_scale)
-    ev = evaluate_samples(tr.policy, lat, sets, prompts, paired_with=teacher_ode)
+    ev = evaluate_samples(tr.policy, lat, sets, prompts, paired_with="teacher_ode4")
     hist = tr.history
     return {"nfe": K, "steps": steps, "train_seconds": round(secs, 1), "recipe": rec, **ev, "curve": curve,
             "train_reward_first": hist[0].get("reward_mean") if hist else None,
@@ -348,10 +348,9 @@ def rescore(model: str, root: Path, guidance_scale: float, files: list[str], suf
 
     policy = load_policy(model)
     sets = _ref_sets(policy, root, guidance_scale, preferred)
-    prompts, seeds = eval_set()
-    teacher_ode = ode_samples(policy, prompts, seeds, K, guidance_scale=guidance_scale)
+    prompts, _ = eval_set()
     return {f"{Path(f).stem}{suffix}": {"nfe": K, **evaluate_samples(
-        policy, torch.load(root / f, weights_only=True), sets, prompts, paired_with=teacher_ode)} for f in files}
+        policy, torch.load(root / f, weights_only=True), sets, prompts, paired_with="teacher_ode4")} for f in files}
 
 
 def role_memory_report(model: str) -> dict:
