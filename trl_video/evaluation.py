@@ -18,30 +18,22 @@ def sample_videos(policy: Any, prompts: list[str], seeds: list[int], num_steps: 
                   batch_size: int = 16, guidance_scale: float = 1.0) -> torch.Tensor:
     """Deterministic ODE samples (one noise per seed) -> normalised latents ``[N, C, F, H, W]``.
 
-    ``guidance_scale > 1``: classifier-free guidance ``u + w (c - u)`` on the native output, the unconditional
-    branch on the empty prompt (as the diffusers pipelines do; the tiny bases are trained with 10% empty prompts).
+    ``guidance_scale > 1``: classifier-free guidance (:meth:`VideoPolicy.predict_guided`; the tiny bases are
+    trained with 10% empty prompts).
     """
     if len(prompts) != len(seeds):
         raise TrlVideoError(f"sample_videos: {len(prompts)} prompts but {len(seeds)} seeds")
     sch = policy.schedule
     grid = sch.timesteps(num_steps)
-    guided = guidance_scale != 1.0
     out = []
     for i in range(0, len(prompts), batch_size):
         ps, ss = prompts[i:i + batch_size], seeds[i:i + batch_size]
         x = torch.stack([torch.randn(*policy.latent_shape, generator=torch.Generator().manual_seed(s)) for s in ss])
         x = x.to(policy.device)
         emb, _ = policy.encode_prompts(ps)
-        if guided:
-            emb = torch.cat([emb, policy.encode_prompts([""] * len(ps))[0].to(emb)])
         for k in range(num_steps):
             t, s = grid[k], grid[k + 1]
-            if guided:
-                cond, uncond = policy.predict(torch.cat([x, x]), t.expand(2 * len(ps)), emb,
-                                              transformer=transformer).chunk(2)
-                native = uncond + guidance_scale * (cond - uncond)
-            else:
-                native = policy.predict(x, t.expand(len(ps)), emb, transformer=transformer)
+            native = policy.predict_guided(x, t.expand(len(ps)), emb, guidance_scale, transformer=transformer)
             x0, eps = sch.to_x0(native, x, t), sch.to_eps(native, x, t)
             x, _ = sch.ddim_step(x0, eps, t, s)
         out.append(x)

@@ -121,6 +121,19 @@ class VideoPolicy(nn.Module):
                 shim, height=key[2] * sf, width=key[3] * sf, num_frames=key[0], device=x_t.device)
         return cache[key]
 
+    def predict_guided(self, x_t: Tensor, t: Tensor, prompt_embeds: Tensor, guidance_scale: float,
+                       transformer: nn.Module | None = None) -> Tensor:
+        """Classifier-free guidance on the native output, ``u + w (c - u)``, with the unconditional branch on the
+        empty prompt (as the diffusers pipelines), both branches in one batch; ``w = 1`` is :meth:`predict`."""
+        if guidance_scale == 1.0:
+            return self.predict(x_t, t, prompt_embeds, transformer)
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        null = self.encode_prompts([""] * x_t.shape[0])[0].to(prompt_embeds)
+        cond, uncond = self.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([prompt_embeds, null]),
+                                    transformer).chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
     def predict_x0(self, x_t: Tensor, t: Tensor, prompt_embeds: Tensor, transformer: nn.Module | None = None) -> Tensor:
         return self.schedule.to_x0(self.predict(x_t, t, prompt_embeds, transformer), x_t, t)
 

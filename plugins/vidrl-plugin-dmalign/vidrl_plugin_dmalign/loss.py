@@ -181,10 +181,9 @@ class DMAlignLoss:
         with torch.no_grad(), ctx.policy.reference() as ref:
             if w == 1.0:
                 return predict(ctx, ref, x_t, t, emb)[1]
-            uncond, _ = ctx.policy.encode_prompts([""] * x_t.shape[0])
-            x0 = predict(ctx, ref, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([emb, uncond.to(emb)]))[1]
-            c, u = x0.chunk(2)
-            return u + w * (c - u)
+            with ctx.accelerator.autocast():  # CFG on the native output = on x0 (affine in it at a fixed x_t)
+                native = ctx.policy.predict_guided(x_t, t, emb, w, transformer=ref).float()
+            return ctx.policy.schedule.to_x0(native, x_t, t)
 
     def fake_x0(self, ctx: TrainContext, x_t: Tensor, t: Tensor, emb: Tensor) -> Tensor:
         with torch.no_grad():
