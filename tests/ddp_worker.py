@@ -47,7 +47,7 @@ def main(outdir: str) -> None:
     out = Path(outdir)
     cfg = VideoRewardConfig(model="tiny-wan-random", method="refl", reward="alignment", prompts="world:train",
                             estimator="group", sampler_args={"num_steps": 2, "grad_steps": 1}, prompts_per_step=2,
-                            group_size=2, max_steps=2, use_lora=True, lora_rank=4, learning_rate=1e-2,
+                            group_size=2, max_steps=2, use_peft=True, lora_r=4, learning_rate=1e-2,
                             report_to="none", save_model_at_end=False, save_steps=0, output_dir=str(out / "run"),
                             seed=5)
     trainer = VideoRewardTrainer(cfg)

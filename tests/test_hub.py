@@ -167,7 +167,7 @@ def trainer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     config = config_from_dict({
         "model": "tiny-wan-random", "method": "refl", "reward": "trlv_hub_rewards:latent_energy",
         "sampler_args": {"num_steps": 2, "grad_steps": 1}, "prompts_per_step": 2, "group_size": 1,
-        "max_steps": 1, "report_to": "none", "use_lora": True, "lora_rank": 4, "output_dir": str(out),
+        "max_steps": 1, "report_to": "none", "use_peft": True, "lora_r": 4, "output_dir": str(out),
     })
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(run))

@@ -20,7 +20,7 @@ MAX_STEPS = 4
 def config(out: Path, **kw) -> VideoRewardConfig:
     base = dict(model="tiny-wan-random", method="refl", reward="alignment", prompts="world:train",
                 sampler_args={"num_steps": 2, "grad_steps": 1}, prompts_per_step=1, group_size=2,
-                max_steps=MAX_STEPS, save_steps=2, use_lora=True, lora_rank=4, ema_decay=0.9, learning_rate=1e-2,
+                max_steps=MAX_STEPS, save_steps=2, use_peft=True, lora_r=4, ema_decay=0.9, learning_rate=1e-2,
                 report_to="none", save_model_at_end=False, output_dir=str(out), seed=3)
     base.update(kw)
     return VideoRewardConfig(**base)

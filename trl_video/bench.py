@@ -60,7 +60,7 @@ def bench_overhead(argv: list[str]) -> int:
     trainer = VideoRewardTrainer(cfg, policy=copy.deepcopy(base))
     manual = copy.deepcopy(base)
     torch.manual_seed(0)
-    manual.add_lora(cfg.lora_rank, None, list(cfg.lora_target_modules))
+    manual.add_adapter(cfg.peft_config())
     opt = torch.optim.AdamW(manual.trainable_parameters(), lr=cfg.learning_rate)
     reward = AlignmentReward()
     prompts_all = trainer.prompt_sampler.prompts

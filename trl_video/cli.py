@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,27 +68,25 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .config import config_from_dict
+def cmd_train(argv: list[str]) -> int:
+    from .parsing import parse_train_args
     from .plan import resolve_plan
     from .plugins import get_registry
 
-    recipe = apply_overrides(load_recipe(args.recipe), args.set or [])
-    if args.output_dir:
-        recipe["output_dir"] = args.output_dir
-    config = config_from_dict(recipe, where=f"recipe {args.recipe}")
+    parsed = parse_train_args(argv)
+    config, recipe = parsed.config, parsed.recipe
     registry = get_registry()
     plan = resolve_plan(config, registry)
-    if args.dry_run:
+    if parsed.dry_run:
         _check_sources(config)
-        print(f"recipe   {args.recipe}: valid")
+        print(f"recipe   {parsed.recipe_path or '(none: defaults and flags)'}: valid")
         print(f"model    {config.model}\noutput   {config.output_dir}")
         print(f"steps    {config.max_steps} x ({config.prompts_per_step} prompts x {config.group_size} samples)")
         print(plan.describe())
         return 0
     from .trainer import VideoRewardTrainer
 
-    trainer = VideoRewardTrainer(config, registry=registry, recipe=recipe, resume=args.resume)
+    trainer = VideoRewardTrainer(config, registry=registry, recipe=recipe, resume=parsed.resume)
     result = trainer.train()
     if trainer.is_main:
         out = Path(config.output_dir)
@@ -192,12 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="trl-video", description="Reward fine-tuning / RL for video diffusion models.")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("plugins", help="list installed components by hook point")
-    t = sub.add_parser("train", help="train from a YAML recipe")
-    t.add_argument("--recipe", required=True)
-    t.add_argument("--output-dir")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
-    t.add_argument("--dry-run", action="store_true", help="validate the recipe and print the plan; load no weights")
+    # train's flags are parsed by trl.TrlParser (trl_video.parsing): `trl-video train --help` lists them
+    sub.add_parser("train", help="train from a YAML recipe (--recipe R.yaml [--set k=v] [--<field> value] "
+                   "[--resume] [--dry-run])", add_help=False)
     e = sub.add_parser("eval", help="before/after rewards, GIFs and JSON for a trained model")
     e.add_argument("--checkpoint", required=True, help="an output dir (with model/) or a saved model folder")
     e.add_argument("--baseline", help="model to compare with (default: the recorded base model)")
@@ -229,16 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Deprecation notes of recipe keys as one stderr line (not file:line + source)."""
+    print(f"{category.__name__}: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "bench":
+    if rest and args.command not in ("bench", "train"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "bench":
             return cmd_bench(args, rest)
-        return {"plugins": cmd_plugins, "train": cmd_train, "eval": cmd_eval, "encode": cmd_encode,
+        if args.command == "train":
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warning
+                return cmd_train(argv[argv.index("train") + 1:])
+        return {"plugins": cmd_plugins, "eval": cmd_eval, "encode": cmd_encode,
                 "push": cmd_push, "pretrain": cmd_pretrain}[args.command](args)
     except TrlVideoError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,32 +1,131 @@
-"""``VideoRewardConfig``: every training option, documented TRL-style (dataclass + ``metadata['help']``)."""
+"""Configuration dataclasses: the shared base every config derives from, and ``VideoRewardConfig``.
+
+One way to write a config (the trainer's and every method's ``method_args``):
+
+* a ``@dataclass`` subclass of :class:`ConfigBase` (methods: :class:`MethodConfig`);
+* every field made with :func:`doc_field` (TRL-style ``metadata['help']``; numeric bounds ``ge``/``gt``/``le``/
+  ``lt`` are checked generically);
+* a fixed set of choices is a ``Literal[...]`` type (checked generically, listed by ``--help``);
+* rules between fields go in ``validate()`` (call ``super().validate()`` first; report with ``self.fail(key, ...)``
+  so the message names the key).
+
+Recipes and command lines are parsed with ``trl.TrlParser`` (see :mod:`trl_video.cli` and
+:func:`config_from_dict`); LoRA settings use ``trl.ModelConfig``'s field names and become a peft ``LoraConfig``
+through ``trl.get_peft_config``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import operator
 import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any
+import warnings
+from dataclasses import InitVar, dataclass, field
+from typing import Any, ClassVar, Literal, NoReturn
 
-from .errors import TrlVideoError
+from .errors import ConfigError, TrlVideoError
+
+#: numeric bounds a field may declare in ``doc_field(..., ge=1)``: metadata key -> (test, wording)
+BOUNDS: dict[str, tuple[Any, str]] = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"),
+                                      "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
 def doc_field(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with TRL-style ``metadata['help']``; list/dict defaults are copied per instance.
-    Plugins use it for their config dataclasses too."""
+
+    ``kw``: numeric bounds (``ge``, ``gt``, ``le``, ``lt``; checked by :meth:`ConfigBase.validate`, ``None``
+    values skip them) or further argparse keywords (``aliases``, ``metavar``)."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
+def literal_choices(tp: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal[...]`` (or ``Literal[...] | None``) type, else None."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if typing.get_origin(arg) is Literal:
+                return typing.get_args(arg)
+    return None
+
+
 @dataclass
-class VideoRewardConfig:
+class ConfigBase:
+    """Base of every trl-video config dataclass: generic checks of ``Literal`` choices and numeric bounds,
+    ``validate()`` for rules between fields, errors that name the key (:class:`~trl_video.errors.ConfigError`)."""
+
+    #: prefix of keys in error messages ("method_args." for a method's config)
+    key_prefix: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field's ``Literal`` choices and ``ge``/``gt``/``le``/``lt`` bounds. Subclasses add their
+        cross-field rules after ``super().validate()``."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            choices = literal_choices(hints[f.name])
+            if choices is not None and value not in choices:
+                self.fail(f.name, f"must be one of {'|'.join(str(c) for c in choices)}")
+            for key, (test, word) in BOUNDS.items():
+                bound = f.metadata.get(key)
+                if bound is not None and isinstance(value, (int, float)) and not test(value, bound):
+                    self.fail(f.name, f"must be {word} {bound}")
+
+    def fail(self, key: str, requirement: str, value: Any = dataclasses.MISSING) -> NoReturn:
+        """Raise ``ConfigError("<prefix><key> <requirement>, got <value>")``."""
+        got = getattr(self, key, None) if value is dataclasses.MISSING else value
+        raise ConfigError(f"{self.key_prefix}{key} {requirement}, got {got!r}", key=f"{self.key_prefix}{key}")
+
+    def require(self, ok: bool, key: str, requirement: str) -> None:
+        """``self.fail(key, requirement)`` unless ``ok``."""
+        if not ok:
+            self.fail(key, requirement)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> Any:
+        """Build from a mapping: unknown keys get a "did you mean", wrong types name the key."""
+        clean = check_fields(cls, data, where)
+        try:
+            return cls(**clean)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}", key=exc.key) from None
+
+
+@dataclass
+class MethodConfig(ConfigBase):
+    """Base of a method's config (the recipe's ``method_args``); see the module docstring for the rules."""
+
+    key_prefix: ClassVar[str] = "method_args."
+
+
+#: deprecated recipe keys -> (VideoRewardConfig field, note). The LoRA keys follow ``trl.ModelConfig`` now.
+ALIASES: dict[str, tuple[str, str]] = {
+    "use_lora": ("use_peft", "trl.ModelConfig name"),
+    "lora_rank": ("lora_r", "trl.ModelConfig name"),
+}
+
+
+@dataclass
+class VideoRewardConfig(ConfigBase):
     r"""Configuration of :class:`~trl_video.VideoRewardTrainer`.
 
-    A recipe YAML is a mapping of these fields. Components (sampler, estimator, loss, replay, reward) default
-    to the method's bundle; ``*_args`` mappings are passed to the component constructors; ``method_args`` is
-    validated against the method's own config dataclass.
+    A recipe YAML is a mapping of these fields (parsed with ``trl.TrlParser``; every field is also a command-line
+    flag of ``trl-video train``). Components (sampler, estimator, loss, replay, reward) default to the method's
+    bundle; ``*_args`` mappings are passed to the component constructors; ``method_args`` is validated against the
+    method's own config dataclass. LoRA fields carry ``trl.ModelConfig``'s names (``use_peft``, ``lora_r``, ...);
+    the old recipe keys ``use_lora`` / ``lora_rank`` are accepted with a deprecation note.
     """
 
     # ---- what to train
@@ -55,11 +154,11 @@ class VideoRewardConfig:
     width: int | None = doc_field(None, "Override the video width in pixels.")
 
     # ---- optimisation
-    max_steps: int = doc_field(100, "Number of training steps (policy optimiser updates).")
-    prompts_per_step: int = doc_field(4, "Distinct prompts per step (all processes together).")
-    group_size: int = doc_field(2, "Samples per prompt (G); groups may span processes.")
-    gradient_accumulation_steps: int = doc_field(1, "Micro-batches accumulated per optimiser step.")
-    learning_rate: float = doc_field(1e-4, "Learning rate of the policy (auxiliary modules set their own).")
+    max_steps: int = doc_field(100, "Number of training steps (policy optimiser updates).", ge=1)
+    prompts_per_step: int = doc_field(4, "Distinct prompts per step (all processes together).", ge=1)
+    group_size: int = doc_field(2, "Samples per prompt (G); groups may span processes.", ge=1)
+    gradient_accumulation_steps: int = doc_field(1, "Micro-batches accumulated per optimiser step.", ge=1)
+    learning_rate: float = doc_field(1e-4, "Learning rate of the policy (auxiliary modules set their own).", gt=0)
     weight_decay: float = doc_field(0.0, "AdamW weight decay.")
     adam_beta1: float = doc_field(0.9, "AdamW beta1.")
     adam_beta2: float = doc_field(0.999, "AdamW beta2.")
@@ -68,18 +167,24 @@ class VideoRewardConfig:
                                             "constant_with_warmup, ...")
     warmup_steps: int = doc_field(0, "Warm-up steps of the LR schedule.")
     max_grad_norm: float = doc_field(1.0, "Gradient clipping norm (0 disables).")
-    use_lora: bool = doc_field(True, "Train a LoRA adapter (reference = base with the adapter disabled); else full fine-tuning.")
-    lora_rank: int = doc_field(8, "LoRA rank.")
-    lora_alpha: float | None = doc_field(None, "LoRA alpha (default: the rank).")
-    lora_target_modules: list[str] = doc_field(["to_q", "to_k", "to_v", "to_out.0"], "Modules that get LoRA adapters.")
     gradient_checkpointing: bool = doc_field(False, "Enable gradient checkpointing in the transformer.")
     ema_decay: float = doc_field(0.0, "Keep an EMA of the policy's trainable weights with this decay (0 = off).")
-    mixed_precision: str = doc_field("no", "accelerate mixed precision: no | bf16 | fp16.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = doc_field("no", "accelerate mixed precision: no | bf16 | fp16.")
     seed: int = doc_field(0, "Random seed (prompt order, noise, initialisation).")
+
+    # ---- LoRA: trl.ModelConfig's fields, turned into a peft LoraConfig by trl.get_peft_config
+    use_peft: bool = doc_field(True, "Train a LoRA adapter (reference = the base with the adapter disabled); false: full "
+                                     "fine-tuning (reference = a frozen copy). Was `use_lora`.")
+    lora_r: int = doc_field(8, "LoRA rank. Was `lora_rank`.", ge=1)
+    lora_alpha: float | None = doc_field(None, "LoRA alpha (default: lora_r, i.e. scale 1).")
+    lora_dropout: float = doc_field(0.0, "LoRA dropout.", ge=0.0, lt=1.0)
+    lora_target_modules: list[str] = doc_field(["to_q", "to_k", "to_v", "to_out.0"], "Modules that get LoRA adapters.")
+    use_rslora: bool = doc_field(False, "Rank-stabilised LoRA: scale lora_alpha / sqrt(r) instead of lora_alpha / r.")
+    use_dora: bool = doc_field(False, "Weight-decomposed LoRA (DoRA).")
 
     # ---- logging / saving
     output_dir: str = doc_field("out/run", "Where checkpoints, logs, samples and the final model go.")
-    logging_steps: int = doc_field(1, "Log every N steps (TensorBoard + metrics.jsonl).")
+    logging_steps: int = doc_field(1, "Log every N steps (trackers + metrics.jsonl).", ge=1)
     save_steps: int = doc_field(0, "Checkpoint every N steps (0: only at the end).")
     save_total_limit: int | None = doc_field(2, "Keep at most this many checkpoints.")
     report_to: str = doc_field("tensorboard", "tensorboard | none.")
@@ -98,16 +203,22 @@ class VideoRewardConfig:
     hub_private: bool = doc_field(False, "Create the Hub repository as private.")
     trust_remote_code: bool = doc_field(False, "Allow custom code from model repositories (off by default).")
 
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "prompts_per_step", "group_size", "gradient_accumulation_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise TrlVideoError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise TrlVideoError(f"mixed_precision must be no|bf16|fp16, got '{self.mixed_precision}'")
+    # ---- deprecated keyword arguments (not fields): mapped onto the trl.ModelConfig names with a note
+    use_lora: InitVar[bool | None] = None
+    lora_rank: InitVar[int | None] = None
+
+    def __post_init__(self, use_lora: bool | None = None, lora_rank: int | None = None) -> None:  # type: ignore[override]
+        for old, value in (("use_lora", use_lora), ("lora_rank", lora_rank)):
+            if value is not None:
+                new = ALIASES[old][0]
+                warnings.warn(deprecation_note(old), FutureWarning, stacklevel=3)
+                setattr(self, new, value)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
         if self.report_to not in ("tensorboard", "none"):
-            raise TrlVideoError(f"report_to must be tensorboard|none, got '{self.report_to}'")
-        if self.learning_rate <= 0:
-            raise TrlVideoError(f"learning_rate must be > 0, got {self.learning_rate}")
+            self.fail("report_to", "must be tensorboard|none")
 
     @property
     def global_batch(self) -> int:
@@ -123,8 +234,39 @@ class VideoRewardConfig:
                                 f"{n} processes")
         return self.global_batch // n
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    # ---- LoRA through TRL
+    def model_config(self) -> Any:
+        """This config's model/LoRA settings as a ``trl.ModelConfig``."""
+        return model_config_for(self.model, use_peft=self.use_peft, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+                                lora_dropout=self.lora_dropout, lora_target_modules=self.lora_target_modules,
+                                use_rslora=self.use_rslora, use_dora=self.use_dora)
+
+    def peft_config(self) -> Any:
+        """The peft ``LoraConfig`` of the policy (``trl.get_peft_config``), or None for full fine-tuning."""
+        from trl import get_peft_config
+
+        return get_peft_config(self.model_config())
+
+
+def deprecation_note(old: str) -> str:
+    new, why = ALIASES[old]
+    return f"key '{old}' is deprecated, use '{new}' (the {why}); it still works"
+
+
+def model_config_for(model: str, *, use_peft: bool = True, lora_r: int = 8, lora_alpha: float | None = None,
+                     lora_dropout: float = 0.0, lora_target_modules: list[str] | None = None,
+                     use_rslora: bool = False, use_dora: bool = False) -> Any:
+    """A ``trl.ModelConfig`` for a video transformer: alpha defaults to the rank (scale 1); no task type (the
+    adapter goes on a diffusers transformer through ``add_adapter``, not on a causal LM)."""
+    from trl import ModelConfig
+
+    targets = list(lora_target_modules or ["to_q", "to_k", "to_v", "to_out.0"])
+    mc = ModelConfig(model_name_or_path=model, use_peft=use_peft, lora_r=lora_r,
+                     lora_alpha=lora_alpha or lora_r,  # type: ignore[arg-type]  # peft accepts a float alpha
+                     lora_dropout=lora_dropout, lora_target_modules=targets, use_rslora=use_rslora, use_dora=use_dora,
+                     lora_task_type=None)  # type: ignore[arg-type]
+    mc.lora_target_modules = targets  # ModelConfig turns a one-element list into a string; keep the list
+    return mc
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -136,8 +278,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return any(_type_ok(value, a) for a in typing.get_args(tp))
     if tp is type(None):
         return value is None
-    if origin is typing.Literal:
-        return value in typing.get_args(tp)
+    if origin is Literal:  # membership is checked by ConfigBase.validate (the message lists the choices)
+        return any(_type_ok(value, type(c)) for c in typing.get_args(tp))
     if origin in (list, tuple):
         return isinstance(value, (list, tuple))
     if origin is dict:
@@ -157,8 +299,36 @@ def _accepts_float(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp)
 
 
+def _pretty(tp: Any) -> str:
+    choices = literal_choices(tp)
+    if choices is not None:
+        return "one of " + "|".join(str(c) for c in choices)
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def resolve_aliases(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Map deprecated keys onto their new names (with a deprecation note); both given -> error."""
+    if cls is not VideoRewardConfig:
+        return dict(data)
+    out = dict(data)
+    for old, (new, _) in ALIASES.items():
+        if old in out:
+            if new in out:
+                raise ConfigError(f"{where}: '{old}' and '{new}' are the same setting; keep only '{new}'", key=old)
+            value = out.pop(old)
+            hints = typing.get_type_hints(cls)
+            if not _type_ok(value, hints[new]):
+                raise ConfigError(f"{where}: key '{old}' must be {_pretty(hints[new])}, got "
+                                  f"{type(value).__name__} {value!r}", key=old)
+            warnings.warn(f"{where}: {deprecation_note(old)}", FutureWarning, stacklevel=2)
+            out[new] = value
+    return out
+
+
 def check_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Unknown keys -> "did you mean"; wrong types name the key. Returns data with ints coerced to floats."""
+    """Unknown keys -> "did you mean"; wrong types name the key. Returns data with ints coerced to floats and
+    deprecated keys renamed."""
+    data = resolve_aliases(cls, data, where)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     out = {}
@@ -166,7 +336,7 @@ def check_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise TrlVideoError(f"{where}: unknown key '{key}'{hint}")
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}", key=key)
         tp = hints[key]
         if isinstance(value, str) and _accepts_float(tp):
             try:  # YAML 1.1 reads 1e-4 (no dot) as a string
@@ -174,8 +344,8 @@ def check_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
             except ValueError:
                 pass
         if not _type_ok(value, tp):
-            pretty = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-            raise TrlVideoError(f"{where}: key '{key}' must be {pretty}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: key '{key}' must be {_pretty(tp)}, got {type(value).__name__} {value!r}",
+                              key=key)
         if tp is float and isinstance(value, int):
             value = float(value)
         out[key] = value
@@ -183,8 +353,7 @@ def check_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any], where: str = "recipe") -> VideoRewardConfig:
-    clean = check_fields(VideoRewardConfig, data, where)
-    try:
-        return VideoRewardConfig(**clean)
-    except TrlVideoError as exc:
-        raise TrlVideoError(f"{where}: {exc}") from None
+    """A ``VideoRewardConfig`` from a recipe mapping, parsed by ``trl.TrlParser`` (as ``trl-video train`` does)."""
+    from .parsing import parse_train_args
+
+    return parse_train_args([], recipe=data, where=where).config

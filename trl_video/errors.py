@@ -7,3 +7,12 @@ class TrlVideoError(Exception):
 
 class PluginError(TrlVideoError):
     """A plugin failed to load, registered a duplicate name, or a named component is missing."""
+
+
+class ConfigError(TrlVideoError, ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range; ``key`` is the key at fault
+    (``method_args.<name>`` for a method's config)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key

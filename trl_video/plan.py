@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import VideoRewardConfig, check_fields
-from .errors import TrlVideoError
+from .errors import ConfigError, TrlVideoError
 from .plugins import ComponentInfo, MethodSpec, Registry
 
 HOOK_POINTS = ("sampler", "reward", "replay", "estimator", "loss")
@@ -37,6 +37,8 @@ def resolve_plan(config: VideoRewardConfig, registry: Registry) -> Plan:
     method_args = check_fields(spec.config_cls, config.method_args, f"method_args ({config.method})")
     try:
         method_config = spec.config_cls(**method_args)
+    except ConfigError as exc:
+        raise ConfigError(f"method '{config.method}': {exc}", key=exc.key) from None
     except (TypeError, ValueError) as exc:
         raise TrlVideoError(f"method_args ({config.method}): {exc}") from exc
     plan = Plan(spec, method_config)

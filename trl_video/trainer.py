@@ -79,9 +79,10 @@ class VideoRewardTrainer:
             policy = load_policy(config.model, num_frames=config.num_frames, height=config.height, width=config.width)
         self.policy = policy.to(self.accelerator.device)
         torch.manual_seed(config.seed)
-        if config.use_lora:
+        peft_config = config.peft_config()  # trl.get_peft_config(trl.ModelConfig) -> peft LoraConfig | None
+        if peft_config is not None:
             if not self.policy.uses_lora:
-                self.policy.add_lora(config.lora_rank, config.lora_alpha, list(config.lora_target_modules))
+                self.policy.add_adapter(peft_config)
         else:
             self.policy.transformer.requires_grad_(True)
             self.policy.freeze_reference()

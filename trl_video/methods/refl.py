@@ -13,23 +13,24 @@ adapter disabled (no second copy in memory).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..components.base import Phase, TrainContext
+from ..config import MethodConfig, doc_field
 from ..errors import TrlVideoError
 from ..plugins import MethodSpec
 from ..rollouts import Rollouts
 
 
 @dataclass
-class ReFLConfig:
+class ReFLConfig(MethodConfig):
     """Configuration of the built-in ReFL method."""
 
-    kl_weight: float = field(default=0.0, metadata={"help": "Weight of the anchor to the reference model."})
-    kl_timesteps: int = field(default=1, metadata={"help": "Noise levels t drawn per sample for the anchor."})
-    reward_scale: float = field(default=1.0, metadata={"help": "Multiplier of the reward term."})
+    kl_weight: float = doc_field(0.0, "Weight of the anchor to the reference model.", ge=0.0)
+    kl_timesteps: int = doc_field(1, "Noise levels t drawn per sample for the anchor.", ge=1)
+    reward_scale: float = doc_field(1.0, "Multiplier of the reward term.")
 
 
 def anchor_mse(ctx: TrainContext, x0: torch.Tensor, embeds: torch.Tensor, draws: int = 1) -> torch.Tensor:

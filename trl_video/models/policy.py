@@ -144,14 +144,20 @@ class VideoPolicy(nn.Module):
 
     def add_lora(self, rank: int, alpha: float | None = None, target_modules: list[str] | None = None,
                  init_seed: int | None = None) -> None:
-        from peft import LoraConfig
+        """Add a LoRA adapter of this rank (alpha defaults to the rank) through ``trl.get_peft_config``."""
+        from trl import get_peft_config
 
-        targets = target_modules or (["to_q", "to_k", "to_v", "to_out.0"])
+        from ..config import model_config_for
+
+        self.add_adapter(get_peft_config(model_config_for("", lora_r=rank, lora_alpha=alpha,
+                                                          lora_target_modules=target_modules)), init_seed)
+
+    def add_adapter(self, lora_config: Any, init_seed: int | None = None) -> None:
+        """Freeze the base transformer and add a peft ``LoraConfig`` adapter (the only trainable weights)."""
         self.transformer.requires_grad_(False)
         if init_seed is not None:
             torch.manual_seed(init_seed)
-        self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets,
-                                                init_lora_weights=True))
+        self.transformer.add_adapter(lora_config)
 
     def freeze_reference(self) -> None:
         """Full fine-tuning needs a frozen copy for the reference; LoRA uses the base (adapter disabled)."""

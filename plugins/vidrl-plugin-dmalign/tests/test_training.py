@@ -79,7 +79,7 @@ def test_pair_end_to_end_with_preferred_world_latents(tmp_path):
     save_offline_latents(str(tmp_path / "pref"), caps * 2, lat, source="real")
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": c}) + "\n" for c in caps))
     cfg = _config(tmp_path, prompts=str(tmp_path / "prompts.jsonl"), offline_latents=str(tmp_path / "pref"),
-                  use_lora=False, method_args={"align": "pair", "fake_updates": 2}, save_model_at_end=True)
+                  use_peft=False, method_args={"align": "pair", "fake_updates": 2}, save_model_at_end=True)
     tr = VideoRewardTrainer(cfg, policy=policy)
     assert tr.policy._frozen_reference is not None  # full fine-tuning: the real model is a frozen copy
     res = tr.train()

@@ -304,7 +304,7 @@ def run_training(model: str, variant: str, steps: int, root: Path, lr: float, se
     sets = _ref_sets(policy, root, guidance_scale, preferred)
     rec: dict[str, Any] = dict(model=model, method="dmalign", reward="alignment", prompts="world:train",
                                prompts_per_step=prompts_per_step, group_size=2, max_steps=steps, learning_rate=lr,
-                               use_lora=False, output_dir=str(root / f"run_{variant}_{int(time.time())}"),
+                               use_peft=False, output_dir=str(root / f"run_{variant}_{int(time.time())}"),
                                report_to="none", save_model_at_end=False, save_total_limit=1, seed=seed,
                                logging_steps=10)
     over = dict(VARIANTS[variant])

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from trl_video.config import MethodConfig
 from trl_video.config import doc_field as _f
 
 
 @dataclass
-class VELRConfig:
+class VELRConfig(MethodConfig):
     """Configuration of VELR (ensemble latent reward models + truncated mid-step ReFL + online alignment)."""
 
     kl_weight: float = _f(10.0, "beta: weight of the KL to the initial model (App. C.2: 10). The KL is the "
                                 "native-output MSE between the policy and the frozen initial model "
                                 "(LoRA disabled) at the last grad step of the window.")
-    kl_at: str = _f("last_step", "Where the KL is evaluated: last_step (the input of the sampler's last "
+    kl_at: Literal["last_step", "random_t"] = _f("last_step", "Where the KL is evaluated: last_step (the input of the sampler's last "
                                  "network evaluation with grad) | random_t (ReFL's anchor: re-noised x0).")
     reward_scale: float = _f(1.0, "Multiplier of the LRM reward term -R_l.")
-    aggregation: str | None = _f(None, "Override the LRM's aggregation for training: mean | min | max "
+    aggregation: Literal["mean", "min", "max"] | None = _f(None, "Override the LRM's aggregation for training: mean | min | max "
                                        "(Eq. 7; None keeps the LRM's own, default mean).")
     pixel_reward: str | None = _f(None, "The TRUE pixel-space reward for online alignment and monitoring "
                                         "(scored on decoded samples without grad), e.g. alignment. Required "
@@ -30,17 +31,18 @@ class VELRConfig:
     lrm_args: dict[str, Any] = _f({}, "LRM constructor arguments when built here (members, widths, heads, "
                                       "layers, aggregation, seed).")
     online_alignment: bool = _f(True, "Fine-tune the LRM online on the variance-organised replay buffer.")
-    align_every: int = _f(10, "M: run LRM alignment after every M diffusion steps (App. C.2: 10).")
-    align_rounds: int = _f(2, "R: rounds of LRM alignment each time (App. C.2: 2).")
+    align_every: int = _f(10, "M: run LRM alignment after every M diffusion steps (App. C.2: 10).", ge=1)
+    align_rounds: int = _f(2, "R: rounds of LRM alignment each time (App. C.2: 2).", ge=1)
     align_steps_per_round: int | None = _f(None, "Optimiser steps in one round (None: one pass over the "
                                                  "buffer, ceil(len / align_batch_size)).")
-    align_batch_size: int = _f(4, "Minibatch of the LRM alignment per member (App. C.1: batch size 4).")
+    align_batch_size: int = _f(4, "Minibatch of the LRM alignment per member (App. C.1: batch size 4).",
+                               ge=1)
     align_lr: float = _f(1e-5, "Learning rate of the LRM during online alignment (App. C.2: 1e-5).")
     align_max_grad_norm: float = _f(0.0, "Gradient clipping of the LRM (0: off; clipping the joint norm "
                                          "would couple the independent members).")
     huber_delta: float = _f(1.0, "delta of the Huber loss (Eq. 6; the paper gives no value).")
     buffer_size: int = _f(256, "Replay buffer capacity (App. C.2: 256).")
-    buffer_admit: str = _f("always", "always: new samples evict the lowest-variance old ones (App. C.2) | "
+    buffer_admit: Literal["always", "top"] = _f("always", "always: new samples evict the lowest-variance old ones (App. C.2) | "
                                      "top: keep the highest-variance items of old + new (Sec. 4.3).")
     true_reward_every: int = _f(1, "Score the true pixel reward of the step's samples (no-grad decode, after "
                                    "the policy backward) every N steps and insert them into the buffer; 0 = "
@@ -51,14 +53,7 @@ class VELRConfig:
                                    "buffer for a 9x32x32 tiny-cogvideox decode, vs 18 MB for 2 samples via "
                                    "oneDNN).")
 
-    def __post_init__(self) -> None:
-        if self.kl_at not in ("last_step", "random_t"):
-            raise ValueError(f"kl_at must be last_step|random_t, got '{self.kl_at}'")
-        if self.aggregation not in (None, "mean", "min", "max"):
-            raise ValueError(f"aggregation must be mean|min|max, got '{self.aggregation}'")
-        if self.align_every < 1 or self.align_rounds < 1 or self.align_batch_size < 1:
-            raise ValueError("align_every, align_rounds and align_batch_size must be >= 1")
-        if self.online_alignment and self.true_reward_every < 1:
-            raise ValueError("online_alignment needs true_reward_every >= 1 (the buffer holds true rewards)")
-        if self.buffer_admit not in ("always", "top"):
-            raise ValueError(f"buffer_admit must be always|top, got '{self.buffer_admit}'")
+    def validate(self) -> None:
+        super().validate()  # Literal choices (kl_at, aggregation, buffer_admit), align_* >= 1
+        self.require(not self.online_alignment or self.true_reward_every >= 1, "true_reward_every",
+                     "must be >= 1 with online_alignment (the buffer holds true rewards)")
