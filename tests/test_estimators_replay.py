@@ -197,21 +197,21 @@ def test_offline_latents_roundtrip(policy, tmp_path):
     for _ in range(2):  # 2 batches of 2, then 1 more row of the same epoch
         b = off.next_batch(ctx, 2)
         assert b.source == "offline" and b.latents.shape == (2, *shape)
-        for i, idx in enumerate(b.extras["offline_index"].tolist()):
+        for i, idx in enumerate(b.offline_index.tolist()):
             assert b.prompts[i] == prompts[idx]
             assert torch.equal(b.latents[i], lat[idx])
             assert abs(float(b.rewards[i]) - float(rewards[idx])) < 1e-6
             assert torch.equal(b.prompt_embeds[i], policy.encode_prompts([prompts[idx]])[0][0])
             seen.append(idx)
     last = off.next_batch(ctx, 1)
-    seen += last.extras["offline_index"].tolist()
+    seen += last.offline_index.tolist()
     assert sorted(seen) == list(range(n))  # one epoch visits every row exactly once
     # state round trip: the stream continues identically
     st = off.state_dict()
-    nxt = off.next_batch(ctx, 3).extras["offline_index"].tolist()
+    nxt = off.next_batch(ctx, 3).offline_index.tolist()
     off2 = OfflineLatents(str(tmp_path / "ds"), shape, seed=123)
     off2.load_state_dict(st)
-    assert off2.next_batch(ctx, 3).extras["offline_index"].tolist() == nxt
+    assert off2.next_batch(ctx, 3).offline_index.tolist() == nxt
 
 
 # ------------------------------------------------------------------------------------------------ encode_videos

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -71,20 +72,61 @@ def test_third_party_component_is_registered_with_its_plugin_name() -> None:
     assert "luminance" in reg.names("reward")
 
 
-def test_duplicate_name_names_both_plugins() -> None:
-    with pytest.raises(PluginError) as exc:
-        build(reward_plugin("dup_alpha", "sparkle"), reward_plugin("dup_beta", "sparkle"))
-    msg = str(exc.value)
-    assert "duplicate reward 'sparkle'" in msg
-    assert "dup_alpha" in msg and "dup_beta" in msg
+def test_duplicate_name_is_a_broken_plugin_and_the_others_stay_usable() -> None:
+    reg = build(reward_plugin("dup_alpha", "sparkle", "alpha_only"), reward_plugin("dup_beta", "sparkle", "beta_only"),
+                reward_plugin("bystander", "glitter"))
+    # both plugins are reported, each naming both distributions
+    assert {"dup_alpha", "dup_beta"} <= set(reg.broken)
+    for reason in (reg.broken["dup_alpha"], reg.broken["dup_beta"]):
+        assert "duplicate reward 'sparkle'" in reason and "dup_alpha" in reason and "dup_beta" in reason
+    # the ambiguous name is unusable, with the same explanation
+    with pytest.raises(PluginError, match="duplicate reward 'sparkle'.*(dup_alpha.*dup_beta|dup_beta.*dup_alpha)"):
+        reg.get("reward", "sparkle")
+    assert "sparkle" not in reg.names("reward")
+    # everything else keeps working: the two plugins' other components, a third plugin, the built-ins
+    assert {"alpha_only", "beta_only", "glitter", "luminance"} <= set(reg.names("reward"))
+    assert reg.create("reward", "glitter").space == "pixel"
+    assert "ode" in reg.names("sampler") and reg.method("refl").name == "refl"
+
+
+def test_duplicate_name_via_entry_points_keeps_cli_plugins_working(tmp_path: Path) -> None:
+    """Two installed distributions registering one name: `trl-video plugins` still lists everything and
+    reports the conflict (it used to stop every command)."""
+    for dist, module in (("dup-one", "trlv_dup_one"), ("dup-two", "trlv_dup_two")):
+        (tmp_path / f"{module}.py").write_text(textwrap.dedent(f"""
+            from trl_video import hookimpl
+
+            class Shiny:
+                space, differentiable = "pixel", False
+                def __call__(self, videos, prompts):
+                    return videos.flatten(1).mean(1)
+
+            @hookimpl
+            def trl_video_register_rewards(register):
+                register("shiny", Shiny)
+                register("{module}_own", Shiny)
+        """))
+        info = tmp_path / f"{dist.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(f"[trl_video]\n{module} = {module}\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env.pop(DISABLE_ENV, None)
+    proc = subprocess.run([sys.executable, "-m", "trl_video.cli", "plugins"], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "trlv_dup_one_own" in proc.stdout and "trlv_dup_two_own" in proc.stdout and "luminance" in proc.stdout
+    broken = [line for line in proc.stdout.splitlines() if line.startswith("broken:")]
+    assert any("duplicate reward 'shiny'" in b and "dup-one" in b and "dup-two" in b for b in broken), proc.stdout
 
 
 def test_duplicate_of_a_builtin_names_trl_video() -> None:
-    with pytest.raises(PluginError) as exc:
-        build(reward_plugin("shadow_plugin", "luminance"))
-    msg = str(exc.value)
+    reg = build(reward_plugin("shadow_plugin", "luminance"))
+    msg = reg.broken["shadow_plugin"]
     assert "duplicate reward 'luminance'" in msg
     assert "trl-video" in msg and "builtin" in msg and "shadow_plugin" in msg
+    assert "builtin" in reg.broken
+    assert "alignment" in reg.names("reward")
 
 
 def test_raising_hook_is_reported_by_name_and_others_still_register() -> None:
@@ -137,10 +179,36 @@ def test_every_misspelled_hookimpl_is_reported_under_its_plugin_name() -> None:
 
 
 def test_disabled_env_var_blocks_a_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(DISABLE_ENV, " blocked_plugin , other")
+    monkeypatch.setenv(DISABLE_ENV, " blocked_plugin , allowed_plugn")
     reg = build(reward_plugin("blocked_plugin", "sparkle"), reward_plugin("allowed_plugin", "glitter"))
     assert "sparkle" not in reg.names("reward")
     assert "glitter" in reg.names("reward")
+    # a name that matches no plugin is reported (a typo would otherwise silently disable nothing)
+    assert list(reg.broken) == [f"{DISABLE_ENV}:allowed_plugn"]
+    assert "did you mean 'allowed_plugin'" in reg.broken[f"{DISABLE_ENV}:allowed_plugn"]
+
+
+def test_duplicate_disappears_when_one_plugin_is_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DISABLE_ENV, "dup_beta")
+    reg = build(reward_plugin("dup_alpha", "sparkle"), reward_plugin("dup_beta", "sparkle"))
+    assert reg.broken == {} and reg.get("reward", "sparkle").plugin == "dup_alpha"
+
+
+def test_plugin_benchmarks_are_namespaced_with_the_bare_name_as_alias() -> None:
+    def bench_plugin(name: str, *benches: str) -> types.SimpleNamespace:
+        @hookimpl
+        def trl_video_register_benchmarks(register: Callable[..., None]) -> None:
+            for b in benches:
+                register(b, lambda argv, _b=b: 0)
+
+        return types.SimpleNamespace(__name__=name, trl_video_register_benchmarks=trl_video_register_benchmarks)
+
+    reg = build(bench_plugin("alpha", "speed", "alpha-memory"), bench_plugin("beta", "speed", "quality"))
+    assert {"alpha.speed", "alpha.memory", "beta.speed", "beta.quality", "overhead"} <= set(reg.names("bench"))
+    assert reg.get("bench", "quality").name == "beta.quality"  # unambiguous alias
+    assert reg.get("bench", "alpha-memory").name == "alpha.memory"  # the former name
+    with pytest.raises(PluginError):
+        reg.get("bench", "speed")  # two plugins: only the namespaced names
     assert reg.broken == {}
 
 
@@ -184,14 +252,35 @@ def test_dotted_path_reward_resolves(tmp_path: Path, monkeypatch: pytest.MonkeyP
         reg.get("reward", "trlv_no_such_module_xyz:score")
 
 
-@pytest.mark.parametrize(("method", "package"), [("fcrm", "vidrl-plugin-fcrm"), ("velr", "vidrl-plugin-velr"),
-                                                 ("flow-grpo", "vidrl-plugin-rsm")])
-def test_method_from_uninstalled_plugin_says_what_to_install(method: str, package: str) -> None:
+@pytest.mark.parametrize(("kind", "name", "package"), [("method", "fcrm", "vidrl-plugin-fcrm"),
+                                                         ("method", "velr", "vidrl-plugin-velr"),
+                                                         ("reward", "lrm", "vidrl-plugin-velr")])
+def test_component_from_uninstalled_plugin_says_what_to_install(kind: str, name: str, package: str) -> None:
+    """The hint comes from the ``[tool.trl-video] provides`` table of the checkout's plugin pyprojects."""
     reg = build()
     with pytest.raises(PluginError) as exc:
-        reg.method(method)
-    assert f"unknown method '{method}'" in str(exc.value)
+        reg.get(kind, name)
+    assert f"unknown {kind} '{name}'" in str(exc.value)
     assert f"pip install {package}" in str(exc.value)
+    assert f"pip install -e plugins/{package}" in str(exc.value)
+
+
+def test_every_plugin_of_the_checkout_declares_what_it_provides() -> None:
+    import importlib
+
+    from trl_video.plugins import plugin_catalogue
+
+    root = Path(__file__).resolve().parents[1]
+    folders = sorted(p.parent.name for p in root.glob("plugins/*/pyproject.toml"))
+    declared = {e.folder.name: e for e in plugin_catalogue(root)}
+    assert sorted(declared) == folders, "add [tool.trl-video] provides = {...} to the plugin's pyproject.toml"
+    modules = [importlib.import_module("vidrl_plugin_" + f.removeprefix("vidrl-plugin-").replace("-", "_"))
+               for f in folders]
+    reg = build(*modules)
+    for entry in declared.values():  # the declaration matches what the plugin registers
+        for kind, names in entry.provides.items():
+            for name in names:
+                assert reg.get(kind, name).distribution != "trl-video", (entry.distribution, kind, name)
 
 
 def test_typo_gets_did_you_mean() -> None:

@@ -139,8 +139,8 @@ def test_window_grad_sampler_x0_finish(policy):
     # steps 0, 1: no grad; window steps 2, 3 and the one-shot x0 prediction at t_4: grad
     assert [c[0] for c in calls] == [False, False, True, True, True], calls
     assert [c[1] for c in calls][:3] == [False, False, False]  # the window starts from a detached state
-    assert torch.equal(out.extras["t_mid"], grid[2].expand(1))
-    assert int(out.extras["window_start"][0]) == 2
+    assert torch.equal(out.t_mid, grid[2].expand(1))
+    assert int(out.window_start[0]) == 2
     assert out.latents.requires_grad
 
     lora = [(n, p) for n, p in policy.transformer.named_parameters() if p.requires_grad]
@@ -211,7 +211,7 @@ def test_branch_sampler_shares_prefix_within_group(policy):
     sampler = BranchSampler(num_steps=4, eta=1.0, branch_steps=[b])
     out = sampler.sample(ctx, prompts, emb, gids)
     tr = out.trajectory
-    assert torch.equal(out.extras["branch_step"], torch.full((4,), b))
+    assert torch.equal(out.branch_step, torch.full((4,), b))
     for i, j in [(0, 1), (2, 3)]:
         for k in range(b + 1):  # states x_{t_0} .. x_{t_b}: shared ODE prefix
             assert torch.equal(tr[i, k], tr[j, k]), k
@@ -236,7 +236,7 @@ def test_branch_step_is_shared_seeded_choice(policy):
         ctx.generator = torch.Generator().manual_seed(gen_seed)
         ctx.step = 3
         out = BranchSampler(num_steps=3, eta=1.0).sample(ctx, prompts, emb, torch.tensor([0, 0]))
-        picks.append(int(out.extras["branch_step"][0]))
+        picks.append(int(out.branch_step[0]))
     assert picks[0] == picks[1]
 
 

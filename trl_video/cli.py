@@ -174,9 +174,17 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from .bench_discovery import REPOSITORY_HINT, benchmarks_root
     from .plugins import get_registry
 
-    fn = get_registry().get("bench", args.name).obj
+    reg = get_registry()
+    if not args.name:
+        for info in reg.items("bench"):
+            print(f"  {info.name:<28} {info.distribution} {info.version}".rstrip())
+        root = benchmarks_root()
+        print(f"benchmarks folder: {root}" if root else f"note: {REPOSITORY_HINT}")
+        return 0
+    fn = reg.get("bench", args.name).obj
     return int(fn(rest) or 0)
 
 
@@ -214,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true")
     p.add_argument("--endpoint", default=os.environ.get("HF_ENDPOINT"))
     b = sub.add_parser("bench", help="benchmarks (trl-video bench overhead, ...)")
-    b.add_argument("name")
+    b.add_argument("name", nargs="?", help="a benchmark (no name: list them)")
     pt = sub.add_parser("pretrain", help="reproduce the embedded tiny base models")
     try:
         from .pretrain import add_pretrain_arguments

@@ -151,7 +151,7 @@ class OfflineLatents:
         if self.has_reward:
             rewards = rows["reward"].float().to(ctx.device)
         return Rollouts(latents=lat, prompts=prompts, prompt_embeds=emb, rewards=rewards, source="offline",
-                        extras={"offline_index": torch.tensor(mine)})
+                        offline_index=torch.tensor(mine))
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "order": list(self.order), "epoch": self.epoch}

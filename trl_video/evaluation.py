@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .errors import TrlVideoError
+from .stats import mean_sem
 
 
 @torch.no_grad()
@@ -23,21 +24,11 @@ def sample_videos(policy: Any, prompts: list[str], seeds: list[int], num_steps: 
     """
     if len(prompts) != len(seeds):
         raise TrlVideoError(f"sample_videos: {len(prompts)} prompts but {len(seeds)} seeds")
-    sch = policy.schedule
-    grid = sch.timesteps(num_steps)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ps, ss = prompts[i:i + batch_size], seeds[i:i + batch_size]
-        x = torch.stack([torch.randn(*policy.latent_shape, generator=torch.Generator().manual_seed(s)) for s in ss])
-        x = x.to(policy.device)
-        emb, _ = policy.encode_prompts(ps)
-        for k in range(num_steps):
-            t, s = grid[k], grid[k + 1]
-            native = policy.predict_guided(x, t.expand(len(ps)), emb, guidance_scale, transformer=transformer)
-            x0, eps = sch.to_x0(native, x, t), sch.to_eps(native, x, t)
-            x, _ = sch.ddim_step(x0, eps, t, s)
-        out.append(x)
-    return torch.cat(out)
+    from .sampling import ode_sample, sample_batched
+
+    grid = policy.schedule.timesteps(num_steps)
+    return sample_batched(policy, prompts, seeds, lambda x, emb, _: ode_sample(
+        policy, x, emb, grid, net=transformer, guidance_scale=guidance_scale), batch_size)
 
 
 def to_uint8_frames(videos: torch.Tensor) -> np.ndarray:
@@ -124,12 +115,6 @@ def plot_reward_curve(metrics_path: Path, out: Path, key: str = "reward_mean") -
     return True
 
 
-def _stats(x: torch.Tensor) -> dict[str, float]:
-    x = x.double()
-    return {"mean": float(x.mean()), "std": float(x.std(unbiased=True)) if len(x) > 1 else 0.0,
-            "sem": float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else 0.0}
-
-
 def evaluate(policy_after: Any, prompts: list[str], seeds: list[int], rewards: dict[str, Any], out_dir: str | Path, *,
              policy_before: Any = None, transformer_before: Any = None, num_steps: int = 20,
              metrics_path: str | Path | None = None, main_reward: str | None = None) -> dict[str, Any]:
@@ -153,10 +138,10 @@ def evaluate(policy_after: Any, prompts: list[str], seeds: list[int], rewards: d
         with torch.no_grad():
             rb = fn(pix_before if fn.space == "pixel" else lat_before, prompts).float().cpu()
             ra = fn(pix_after if fn.space == "pixel" else lat_after, prompts).float().cpu()
-        per_reward[name] = {"before": _stats(rb), "after": _stats(ra), "gain": _stats(ra - rb)}
+        per_reward[name] = {"before": mean_sem(rb), "after": mean_sem(ra), "gain": mean_sem(ra - rb)}
         paired[name] = (rb, ra)
     rb, ra = paired[main_reward]
-    diff = _stats(ra - rb)
+    diff = mean_sem(ra - rb)
     results = {
         "reward": main_reward,
         "reward_before": float(rb.mean()), "reward_after": float(ra.mean()),

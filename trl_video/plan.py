@@ -9,9 +9,7 @@ from typing import Any
 
 from .config import VideoRewardConfig, check_fields
 from .errors import ConfigError, TrlVideoError
-from .plugins import ComponentInfo, MethodSpec, Registry
-
-HOOK_POINTS = ("sampler", "reward", "replay", "estimator", "loss")
+from .plugins import HOOK_POINTS, ComponentInfo, MethodSpec, Registry
 
 
 @dataclass

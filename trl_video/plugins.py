@@ -8,6 +8,7 @@ import importlib.metadata as md
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -25,21 +26,12 @@ KINDS: dict[str, str] = {
     "method": "trl_video_register_methods",
     "bench": "trl_video_register_benchmarks",
 }
-#: the five hook points of one training step (plus "method" bundles and "bench" commands)
-HOOK_POINTS = ("sampler", "estimator", "loss", "reward", "replay")
+#: the five hook points of one training step, in data-flow order (plus "method" bundles and "bench" commands)
+HOOK_POINTS = ("sampler", "reward", "estimator", "replay", "loss")
 
-#: Which distribution provides a well-known method, for "pip install ..." hints.
-KNOWN_PLUGIN_PACKAGES: dict[str, str] = {
-    "fcrm": "vidrl-plugin-fcrm",
-    "dmalign": "vidrl-plugin-dmalign",
-    "rsm": "vidrl-plugin-rsm",
-    "flow-grpo": "vidrl-plugin-rsm",
-    "tempflow-grpo": "vidrl-plugin-rsm",
-    "dance-grpo": "vidrl-plugin-rsm",
-    "reward-forcing": "vidrl-plugin-reward-forcing",
-    "velr": "vidrl-plugin-velr",
-    "lrm": "vidrl-plugin-velr",
-}
+#: the table a plugin declares in its pyproject.toml: which components it provides, for "pip install" hints
+#: about plugins that are not installed (``[tool.trl-video] provides = {method = ["velr"], reward = ["lrm"]}``)
+PROVIDES_TABLE = "trl-video"
 
 DISABLE_ENV = "TRL_VIDEO_DISABLED_PLUGINS"
 
@@ -91,6 +83,50 @@ def _disabled() -> set[str]:
     return {p.strip() for p in os.environ.get(DISABLE_ENV, "").split(",") if p.strip()}
 
 
+def source_checkout() -> Path | None:
+    """The repository this core runs from (an editable / source-tree install), or None (a wheel install)."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "plugins").is_dir() else None
+
+
+@dataclass
+class PluginEntry:
+    """A plugin of the repository's ``plugins/`` folder, installed or not, from its pyproject.toml."""
+
+    distribution: str
+    folder: Path
+    provides: dict[str, list[str]]
+
+
+def plugin_catalogue(root: Path | None = None) -> list[PluginEntry]:
+    """What each plugin of the checkout declares under ``[tool.trl-video] provides``; empty outside a checkout."""
+    import tomllib
+
+    root = root or source_checkout()
+    if root is None:
+        return []
+    out = []
+    for pyproject in sorted((root / "plugins").glob("*/pyproject.toml")):
+        try:
+            data = tomllib.loads(pyproject.read_text())
+        except (OSError, tomllib.TOMLDecodeError):
+            continue
+        provides = data.get("tool", {}).get(PROVIDES_TABLE, {}).get("provides", {})
+        name = data.get("project", {}).get("name")
+        if name and isinstance(provides, dict):
+            out.append(PluginEntry(name, pyproject.parent, {k: list(v) for k, v in provides.items()}))
+    return out
+
+
+def _install_hint(kind: str, name: str) -> str:
+    for entry in plugin_catalogue():
+        if name in entry.provides.get(kind, []):
+            folder = entry.folder.relative_to(entry.folder.parents[1])
+            return (f": it is provided by {entry.distribution} (pip install {entry.distribution}; from this "
+                    f"checkout: pip install -e {folder})")
+    return ""
+
+
 def make_plugin_manager(load_entrypoints: bool = True, extra_plugins: Iterable[object] = ()) -> tuple[
     pluggy.PluginManager, dict[str, str]
 ]:
@@ -105,10 +141,15 @@ def make_plugin_manager(load_entrypoints: bool = True, extra_plugins: Iterable[o
     dists: dict[str, tuple[str, str]] = {}
     pm.trl_video_dists = dists  # type: ignore[attr-defined]  # plugin name -> (distribution, version)
     disabled = _disabled()
+    known: set[str] = {"builtin"}  # every plugin / distribution name seen, disabled or not
+    pm.trl_video_known = known  # type: ignore[attr-defined]
     for name in disabled:
         pm.set_blocked(name)
     if load_entrypoints:
         for ep in md.entry_points(group=PROJECT_NAME):
+            known.add(ep.name)
+            if ep.dist is not None:
+                known.add(ep.dist.name)
             if ep.name in disabled or (ep.dist and ep.dist.name in disabled):
                 continue
             if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
@@ -127,6 +168,7 @@ def make_plugin_manager(load_entrypoints: bool = True, extra_plugins: Iterable[o
         pm.register(builtin, name="builtin")
     for plugin in extra_plugins:
         name = getattr(plugin, "__name__", None) or repr(plugin)
+        known.add(name)
         if name in disabled:
             continue
         try:
@@ -144,12 +186,21 @@ def make_plugin_manager(load_entrypoints: bool = True, extra_plugins: Iterable[o
 
 
 class Registry:
-    """Typed façade: ``registry.get("reward", "luminance")``, ``registry.names("sampler")``."""
+    """Typed façade: ``registry.get("reward", "luminance")``, ``registry.names("sampler")``.
 
-    def __init__(self, pm: pluggy.PluginManager, broken: dict[str, str] | None = None):
+    A name registered twice for one hook point is a conflict: both plugins are reported in ``broken`` and the
+    name is unusable until one of them is uninstalled or disabled; everything else keeps working.
+    Benchmarks of a plugin are namespaced ``<plugin>.<name>`` (the bare name stays an alias while it is
+    unambiguous); benchmarks in the checkout's ``benchmarks/<method>/`` folders register as ``<method>.<name>``.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, broken: dict[str, str] | None = None,
+                 benchmark_dirs: bool = False):
         self.pm = pm
         self.broken: dict[str, str] = dict(broken or {})
         self._items: dict[str, dict[str, ComponentInfo]] = {k: {} for k in KINDS}
+        self._conflicts: dict[tuple[str, str], str] = {}
+        self._aliases: dict[str, str] = {}  # bare bench name -> namespaced name
         dists = getattr(pm, "trl_video_dists", {})
         for kind, hook_name in KINDS.items():
             hook = getattr(pm.hook, hook_name)
@@ -157,26 +208,62 @@ class Registry:
             for impl in reversed(hook.get_hookimpls()):
                 dist, version = _dist_of(impl.plugin_name, impl.plugin, dists)
 
-                def register(name: str, obj: Any, _kind=kind, _dist=dist, _ver=version, _pl=impl.plugin_name):
+                def register(name: str, obj: Any, _kind: str = kind, _dist: str = dist, _ver: str = version,
+                             _pl: str = impl.plugin_name) -> None:
                     self._add(ComponentInfo(_kind, name, obj, _dist, _ver, _pl))
 
                 try:
                     impl.function(register=register)
-                except PluginError:
-                    raise
                 except Exception as exc:
                     self.broken[impl.plugin_name] = (
                         f"plugin '{impl.plugin_name}' ({dist}) failed in {hook_name}: {type(exc).__name__}: {_line(exc)}"
                     )
+        if benchmark_dirs:
+            from .bench_discovery import discover_benchmarks
+
+            for name, fn, where in discover_benchmarks(self.broken):
+                self._add(ComponentInfo("bench", name, fn, where, "", name.split(".")[0]))
+        self._report_unknown_disabled()
+
+    def _report_unknown_disabled(self) -> None:
+        known = {n for n, p in self.pm.list_name_plugin() if p is not None}
+        known |= getattr(self.pm, "trl_video_known", set()) | {"builtin"}
+        for name in sorted(_disabled() - known):
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; plugin names: {', '.join(sorted(known))}"
+            self.broken[f"{DISABLE_ENV}:{name}"] = (f"{DISABLE_ENV} names '{name}', which is no installed plugin "
+                                                    f"or distribution{hint}")
 
     def _add(self, info: ComponentInfo) -> None:
-        existing = self._items[info.kind].get(info.name)
-        if existing is not None:
-            raise PluginError(
-                f"duplicate {info.kind} '{info.name}': registered by both {existing.distribution} "
-                f"(plugin '{existing.plugin}') and {info.distribution} (plugin '{info.plugin}')"
-            )
-        self._items[info.kind][info.name] = info
+        name = info.name
+        if info.kind == "bench" and info.plugin != "builtin" and "." not in name:
+            short = name[len(info.plugin) + 1:] if name.startswith(f"{info.plugin}-") else name
+            alias, name = name, f"{info.plugin}.{short}"
+            info = ComponentInfo(info.kind, name, info.obj, info.distribution, info.version, info.plugin)
+            if alias in self._items["bench"] or alias in self._aliases:
+                self._aliases[alias] = ""  # ambiguous: only the namespaced names work
+            else:
+                self._aliases[alias] = name
+        key = (info.kind, name)
+        if key in self._conflicts:
+            self._conflicts[key] += f", {info.distribution} (plugin '{info.plugin}')"
+            self.broken[info.plugin] = f"plugin '{info.plugin}' ({info.distribution}): {self._conflicts[key]}"
+            return
+        existing = self._items[info.kind].get(name)
+        if existing is None:
+            self._items[info.kind][name] = info
+            return
+        if existing.obj is info.obj and existing.plugin == info.plugin:
+            return
+        del self._items[info.kind][name]
+        msg = (f"duplicate {info.kind} '{name}': registered by both {existing.distribution} "
+               f"(plugin '{existing.plugin}') and {info.distribution} (plugin '{info.plugin}')")
+        self._conflicts[key] = msg
+        fix = f"; '{name}' is unusable until one is uninstalled or listed in {DISABLE_ENV}"
+        for plugin, dist in ((existing.plugin, existing.distribution), (info.plugin, info.distribution)):
+            prev = self.broken.get(plugin)
+            line = f"plugin '{plugin}' ({dist}): {msg}{fix}"
+            self.broken[plugin] = f"{prev}; {line}" if prev else line
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._items[kind])
@@ -190,12 +277,16 @@ class Registry:
         if ":" in name:  # dotted path for one-off code: "mypkg.rewards:score"
             return ComponentInfo(kind, name, resolve_dotted(name), "<dotted path>", "", name)
         info = self._items[kind].get(name)
+        if info is None and kind == "bench" and self._aliases.get(name):
+            info = self._items[kind].get(self._aliases[name])
         if info is not None:
             return info
+        if (kind, name) in self._conflicts:
+            raise PluginError(f"{self._conflicts[(kind, name)]}: uninstall one of them or list one in {DISABLE_ENV}")
         msg = f"unknown {kind} '{name}'"
-        pkg = KNOWN_PLUGIN_PACKAGES.get(name)
-        if pkg:
-            msg += f": it is provided by {pkg} (pip install {pkg})"
+        hint = _install_hint(kind, name)
+        if hint:
+            msg += hint
         else:
             close = difflib.get_close_matches(name, self.names(kind), n=1)
             msg += f"; did you mean '{close[0]}'?" if close else f"; available: {', '.join(self.names(kind)) or 'none'}"
@@ -211,9 +302,12 @@ class Registry:
 
             return CallableReward(obj, name=name, **kwargs)
         try:
-            return obj(**kwargs)
+            component = obj(**kwargs)
         except TypeError as exc:
             raise PluginError(f"{kind} '{name}' does not accept arguments {sorted(kwargs)}: {exc}") from exc
+        from .components.base import ensure_interface
+
+        return ensure_interface(kind, component, name)
 
     def method(self, name: str) -> MethodSpec:
         return self.get("method", name).obj
@@ -246,5 +340,5 @@ def get_registry(refresh: bool = False) -> Registry:
             from . import builtin
 
             pm.register(builtin, name="builtin")
-        _DEFAULT = Registry(pm, broken)
+        _DEFAULT = Registry(pm, broken, benchmark_dirs=True)
     return _DEFAULT

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -10,6 +12,55 @@ from torch import Tensor
 
 SOURCES = ("online", "ema", "replay", "offline")
 
+#: fields that describe the whole batch rather than one value per sample (copied, never indexed)
+BATCH_FIELDS = ("timesteps", "source", "eta")
+#: former ``extras`` keys that are typed fields now; ``extras[key]`` still reads / writes them (deprecated)
+LEGACY_EXTRAS = ("eta", "branch_step", "window_start", "t_mid", "x_last", "t_last", "offline_index")
+
+
+class _Extras(dict):
+    """``Rollouts.extras``: free-form per-component data. Keys that became typed fields are redirected to
+    them (with a ``DeprecationWarning``), so components written against the old keys keep working."""
+
+    def __init__(self, owner: Rollouts, data: dict[str, Any] | None = None):
+        super().__init__()
+        self._owner = owner
+        for k, v in (data or {}).items():
+            self[k] = v
+
+    def _warn(self, key: str) -> None:
+        warnings.warn(f"Rollouts.extras['{key}'] is the typed field Rollouts.{key} now", DeprecationWarning,
+                      stacklevel=3)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in LEGACY_EXTRAS:
+            self._warn(key)
+            value = getattr(self._owner, key)
+            if value is None:
+                raise KeyError(key)
+            return torch.tensor(value) if key == "eta" else value  # was a 0-d tensor
+        return super().__getitem__(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in LEGACY_EXTRAS:
+            self._warn(key)
+            if key == "eta" and isinstance(value, Tensor):
+                value = float(value)
+            setattr(self._owner, key, value)
+        else:
+            super().__setitem__(key, value)
+
+    def __contains__(self, key: object) -> bool:
+        if key in LEGACY_EXTRAS:
+            return getattr(self._owner, str(key)) is not None
+        return super().__contains__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return self[key] if key in self else default
+
+    def __reduce__(self) -> Any:  # pickles (and deep-copies) as a plain dict
+        return (dict, (dict(self.items()),))
+
 
 @dataclass
 class Rollouts:
@@ -17,6 +68,8 @@ class Rollouts:
 
     ``latents`` are normalised x0 latents ``[B, C, F, H, W]`` and may carry gradients (reward backprop).
     Optional fields are filled by the component that knows them; estimators write ``advantages``.
+    Per-sample tensors have the batch as dim 0 and follow ``select`` / ``cat``; ``timesteps``, ``source`` and
+    ``eta`` describe the whole batch. ``extras`` holds what only one component understands.
     """
 
     latents: Tensor
@@ -30,16 +83,27 @@ class Rollouts:
     rewards: Tensor | None = None  # [B]
     advantages: Tensor | None = None  # [B]
     source: str = "online"
+    eta: float | None = None  # noise level of the sampler's stochastic steps (0: ODE); recomputing log-probs
+    branch_step: Tensor | None = None  # [B] long: the step index where a branch sampler took its SDE step
+    window_start: Tensor | None = None  # [B] long: the first sampling step run with gradients (window samplers)
+    t_mid: Tensor | None = None  # [B]: t at window_start
+    x_last: Tensor | None = None  # [B, C, F, H, W] detached input of the last network evaluation with grad
+    t_last: Tensor | None = None  # [B]: its t
+    offline_index: Tensor | None = None  # [B] long: row of each sample in the offline-latents dataset
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # also moves legacy keys given at construction (extras={"t_mid": ...}) into their typed fields
+        self.extras = _Extras(self, dict(self.extras.items()) if isinstance(self.extras, _Extras) else self.extras)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
-    def _map(self, fn_t, fn_list) -> Rollouts:
+    def _map(self, fn_t: Callable[[Tensor], Tensor], fn_list: Callable[[list[Any]], list[Any]]) -> Rollouts:
         kw: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "timesteps" or f.name == "source":
+            if f.name in BATCH_FIELDS:
                 kw[f.name] = v
             elif isinstance(v, Tensor):
                 kw[f.name] = fn_t(v)
@@ -71,7 +135,8 @@ class Rollouts:
 
     @staticmethod
     def cat(parts: list[Rollouts]) -> Rollouts:
-        """Concatenate batches (fields missing in any part are dropped; sources must agree or become 'mixed')."""
+        """Concatenate batches (fields missing in any part are dropped; sources must agree or become 'mixed';
+        batch-level fields that differ are dropped)."""
         parts = [p for p in parts if len(p)]
         if len(parts) == 1:
             return parts[0]
@@ -82,6 +147,8 @@ class Rollouts:
                 kw[f.name] = vals[0] if len(set(vals)) == 1 else "mixed"
             elif f.name == "timesteps":
                 kw[f.name] = vals[0]
+            elif f.name == "eta":
+                kw[f.name] = vals[0] if len(set(vals)) == 1 else None
             elif f.name == "extras":
                 keys = set.intersection(*(set(v) for v in vals))
                 kw[f.name] = {k: torch.cat([v[k] for v in vals]) if isinstance(vals[0][k], Tensor)

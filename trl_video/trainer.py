@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .components.base import Phase, Trainable, TrainContext
+from .components.base import Estimator, Loss, Phase, Replay, Sampler, Trainable, TrainContext
 from .config import VideoRewardConfig
 from .errors import TrlVideoError
 from .plugins import Registry, get_registry
@@ -92,21 +92,23 @@ class VideoRewardTrainer:
         # ---- components
         comps = self.plan.components
         self.reward = build_reward(self.registry, *comps["reward"])
-        self.sampler = self.registry.create("sampler", comps["sampler"][0], **comps["sampler"][1])
-        self.estimator = self.registry.create("estimator", comps["estimator"][0], **comps["estimator"][1])
-        self.replay = self.registry.create("replay", comps["replay"][0], **comps["replay"][1])
-        self.loss = self.registry.create("loss", comps["loss"][0], **comps["loss"][1])
+        # create() checks each against its interface (components.base) and fills undeclared flags
+        self.sampler: Sampler = self.registry.create("sampler", comps["sampler"][0], **comps["sampler"][1])
+        self.estimator: Estimator = self.registry.create("estimator", comps["estimator"][0], **comps["estimator"][1])
+        self.replay: Replay = self.registry.create("replay", comps["replay"][0], **comps["replay"][1])
+        self.loss: Loss = self.registry.create("loss", comps["loss"][0], **comps["loss"][1])
         rank = self.accelerator.process_index
+        registry = self.registry
         self.ctx = TrainContext(policy=self.policy, config=config, accelerator=self.accelerator, reward=self.reward,
                                 method_config=self.plan.method_config,
                                 generator=torch.Generator().manual_seed(config.seed * 1000 + 12345 + rank),
-                                registry=self.registry)
+                                registry=self.registry, sampler=self.sampler,
+                                make_reward=lambda name, args: build_reward(registry, name, args))
         if config.offline_latents:
             from .data import OfflineLatents
 
             self.ctx.offline = OfflineLatents(config.offline_latents, self.policy.latent_shape, seed=config.seed)
-        needs_rollouts = getattr(self.replay, "needs_rollouts", True)
-        if needs_rollouts:
+        if self.replay.needs_rollouts:
             from .data import PromptSampler, load_prompts
 
             self.prompt_sampler: Any = PromptSampler(load_prompts(config.prompts, config.prompt_column), config.seed)
@@ -188,10 +190,9 @@ class VideoRewardTrainer:
         n, rank = cfg.per_process_batch, self.accelerator.process_index
         prompts, gids = prompts[rank * n:(rank + 1) * n], gids[rank * n:(rank + 1) * n].to(ctx.device)
         embeds, _ = self.policy.encode_prompts(prompts)
-        sample_grad = getattr(self.loss, "sample_grad", False)
-        with torch.set_grad_enabled(sample_grad):
+        with torch.set_grad_enabled(self.loss.sample_grad):
             fresh = self.sampler.sample(ctx, prompts, embeds, gids)
-        reward_grad = sample_grad and getattr(self.loss, "reward_grad", False)
+        reward_grad = self.loss.sample_grad and self.loss.reward_grad
         fresh.rewards = ctx.score(fresh.latents, prompts, grad=reward_grad)
         return self.estimator(ctx, fresh)
 
@@ -203,7 +204,7 @@ class VideoRewardTrainer:
             graph = cache.pop(("graph", m), None) if uses_graph else None
             return graph if graph is not None else cache[m]
         fresh = None
-        if getattr(self.replay, "needs_rollouts", True):
+        if self.replay.needs_rollouts:
             fresh = self._fresh_rollouts()
             stats["reward"].append(fresh.rewards.detach())
             self.replay.update(self.ctx, fresh)

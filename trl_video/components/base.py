@@ -1,20 +1,37 @@
 """Interfaces of the five hook points and the context every component receives.
 
-A component is any object with the methods below (duck typing; subclassing is optional).
+Each hook point has a ``typing.Protocol`` (what the trainer relies on, flags included) and a small base class
+with the default flag values (subclassing is optional but saves declaring every flag):
+
+=========  ======================  ==============  =====================================================
+hook       protocol                base class      flags (default)
+=========  ======================  ==============  =====================================================
+sampler    :class:`Sampler`        ``BaseSampler`` --
+reward     :class:`Reward`         ``rewards.Reward``  ``space`` ("pixel"), ``differentiable``
+estimator  :class:`Estimator`      ``BaseEstimator`` --
+replay     :class:`Replay`         ``BaseReplay``  ``needs_rollouts`` (True): False = no sampling at all
+loss       :class:`Loss`           ``BaseLoss``    ``sample_grad`` (False): sample with autograd on;
+                                                   ``reward_grad`` (False): score with autograd on
+=========  ======================  ==============  =====================================================
 
 * Sampler:   ``sample(ctx, prompts, embeds, group_ids) -> Rollouts``
-* Reward:    ``__call__(inputs, prompts) -> Tensor[B]`` with attributes ``space`` ("pixel"|"latent") and
-             ``differentiable`` (bool); the trainer decodes latents only for pixel rewards.
+* Reward:    ``__call__(inputs, prompts) -> Tensor[B]``; the trainer decodes latents only for pixel rewards.
 * Replay:    ``update(ctx, fresh) -> None``; ``sample(ctx, fresh) -> Rollouts`` (what the loss sees);
              ``state_dict()`` / ``load_state_dict()`` (saved in checkpoints).
 * Estimator: ``__call__(ctx, batch) -> Rollouts`` (writes ``advantages``; gathers across processes).
 * Loss:      ``setup(ctx) -> dict[str, Trainable]`` (auxiliary modules it trains, besides "policy");
              ``phases(step) -> list[Phase]`` (which optimiser groups step, how often, in what order);
              ``compute(ctx, phase, batch) -> (loss, metrics)``; optional ``state_dict``/``load_state_dict``.
+
+A component that does not declare a flag gets the default from :func:`ensure_interface` (with a
+``DeprecationWarning``); a component without a required method is reported as a plugin error.
+See docs/plugin-authors.md.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -24,6 +41,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from ..config import VideoRewardConfig
     from ..models.policy import VideoPolicy
+    from ..rollouts import Rollouts
 
 
 @dataclass
@@ -57,17 +75,159 @@ class Phase:
     uses_graph: bool = True
 
 
+# ---------------------------------------------------------------------------------------------- interfaces
 @runtime_checkable
-class RewardFn(Protocol):
+class Reward(Protocol):
+    """A reward: ``space`` "pixel" (decoded videos ``[B, 3, F, H, W]`` in [-1, 1]) or "latent" (normalised
+    latents ``[B, C, F, H, W]``); ``differentiable``: gradients flow through it (reward backprop)."""
+
     space: str
     differentiable: bool
 
     def __call__(self, inputs: Tensor, prompts: list[str]) -> Tensor: ...
 
 
+RewardFn = Reward  # the former name
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Generates this step's rollouts. Runs under ``torch.no_grad`` unless the loss sets ``sample_grad``."""
+
+    def sample(self, ctx: TrainContext, prompts: list[str], embeds: Tensor, group_ids: Tensor) -> Rollouts: ...
+
+
+@runtime_checkable
+class Estimator(Protocol):
+    """Turns rewards into the learning signal (writes ``Rollouts.advantages``)."""
+
+    def __call__(self, ctx: TrainContext, batch: Rollouts) -> Rollouts: ...
+
+
+@runtime_checkable
+class Replay(Protocol):
+    """Decides what the loss sees. ``needs_rollouts=False``: the trainer samples nothing and calls
+    ``sample(ctx, None)`` (an offline stream)."""
+
+    needs_rollouts: bool
+
+    def update(self, ctx: TrainContext, fresh: Rollouts) -> None: ...
+
+    def sample(self, ctx: TrainContext, fresh: Rollouts | None) -> Rollouts: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Loss(Protocol):
+    """The method's objective. ``sample_grad``: the sampler runs with autograd on (reward backprop through the
+    sampling chain); ``reward_grad``: the reward is scored with autograd on (only used with ``sample_grad``)."""
+
+    sample_grad: bool
+    reward_grad: bool
+
+    def setup(self, ctx: TrainContext) -> dict[str, Trainable]: ...
+
+    def phases(self, step: int) -> list[Phase]: ...
+
+    def compute(self, ctx: TrainContext, phase: Phase, batch: Rollouts | None) -> tuple[Tensor, dict[str, float]]: ...
+
+
+class BaseSampler:
+    """Optional base of samplers (the built-in grid samplers derive from ``samplers.GridSampler``)."""
+
+    name = "sampler"
+
+    def sample(self, ctx: TrainContext, prompts: list[str], embeds: Tensor, group_ids: Tensor) -> Rollouts:
+        raise NotImplementedError
+
+
+class BaseEstimator:
+    name = "estimator"
+
+    def __call__(self, ctx: TrainContext, batch: Rollouts) -> Rollouts:
+        raise NotImplementedError
+
+
+class BaseReplay:
+    """Optional base of replay components: stateless, needs this step's rollouts."""
+
+    name = "replay"
+    needs_rollouts: bool = True
+
+    def update(self, ctx: TrainContext, fresh: Rollouts) -> None:
+        pass
+
+    def sample(self, ctx: TrainContext, fresh: Rollouts | None) -> Rollouts:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class BaseLoss:
+    """Optional base of losses: no gradient through sampling or reward, one ``policy`` phase, no auxiliary
+    modules."""
+
+    name = "loss"
+    sample_grad: bool = False
+    reward_grad: bool = False
+
+    def setup(self, ctx: TrainContext) -> dict[str, Trainable]:
+        return {}
+
+    def phases(self, step: int) -> list[Phase]:
+        return [Phase("policy")]
+
+    def compute(self, ctx: TrainContext, phase: Phase, batch: Rollouts | None) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+#: per hook point: (protocol, required methods, flag defaults)
+INTERFACES: dict[str, tuple[type, tuple[str, ...], dict[str, Any]]] = {
+    "sampler": (Sampler, ("sample",), {}),
+    "estimator": (Estimator, ("__call__",), {}),
+    "replay": (Replay, ("update", "sample"), {"needs_rollouts": True}),
+    "loss": (Loss, ("setup", "phases", "compute"), {"sample_grad": False, "reward_grad": False}),
+    "reward": (Reward, ("__call__",), {"space": "pixel", "differentiable": False}),
+}
+
+
+def ensure_interface(kind: str, obj: Any, name: str = "") -> Any:
+    """Check a freshly built component against its hook point's interface. A missing method raises
+    ``PluginError``; a missing flag is set to its default with a ``DeprecationWarning`` (components written
+    before the flags were part of the interface keep working). Returns ``obj``."""
+    if kind not in INTERFACES:
+        return obj
+    _, methods, flags = INTERFACES[kind]
+    label = f"{kind} '{name or getattr(obj, 'name', type(obj).__name__)}'"
+    missing = [m for m in methods if not callable(getattr(obj, m, None))]
+    if missing:
+        from ..errors import PluginError
+
+        raise PluginError(f"{label} ({type(obj).__module__}.{type(obj).__qualname__}) lacks {', '.join(missing)} "
+                          f"of the {kind} interface (trl_video.components.base.{INTERFACES[kind][0].__name__})")
+    for flag, default in flags.items():
+        if not hasattr(obj, flag):
+            warnings.warn(f"{label} does not declare '{flag}'; assuming {default!r} (declare it, or derive from "
+                          f"trl_video.components.base.Base{kind.capitalize()})", DeprecationWarning, stacklevel=2)
+            setattr(obj, flag, default)
+    return obj
+
+
 @dataclass
 class TrainContext:
-    """What components see: the policy, config, accelerator, the reward, RNG and shared state."""
+    """What components see during training: the policy, config, accelerator, the reward, RNG and shared state.
+
+    Components get everything they need from here, not from the registry or the plan: ``sampler`` is the
+    step's sampler (e.g. its timesteps), ``make_reward(name, args)`` builds another registered reward (e.g. a
+    true pixel reward next to a latent one).
+    """
 
     policy: VideoPolicy
     config: VideoRewardConfig
@@ -79,8 +239,19 @@ class TrainContext:
     modules: dict[str, nn.Module] = field(default_factory=dict)
     ema: dict[str, Any] = field(default_factory=dict)
     offline: Any = None  # an OfflineLatents stream when the recipe names offline latents
-    registry: Any = None
+    registry: Any = None  # deprecated: use ``sampler`` / ``make_reward`` (kept while plugins migrate)
     state: dict[str, Any] = field(default_factory=dict)  # scratch space shared by components within a step
+    sampler: Any = None  # the recipe's Sampler instance
+    make_reward: Callable[[str, dict[str, Any]], Any] | None = None  # name ("a+b" sums too), args -> Reward
+
+    def build_reward(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        """Another registered reward by name (``make_reward``), e.g. VELR's true pixel reward."""
+        if self.make_reward is None:
+            from ..errors import TrlVideoError
+
+            raise TrlVideoError(f"this context cannot build rewards (reward '{name}' requested); "
+                                f"the trainer sets TrainContext.make_reward")
+        return self.make_reward(name, dict(args or {}))
 
     @property
     def device(self) -> torch.device:

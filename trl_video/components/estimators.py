@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from ..rollouts import Rollouts
-from .base import TrainContext
+from .base import BaseEstimator, TrainContext
 
 
-class NoEstimator:
+class NoEstimator(BaseEstimator):
     """Pass-through: the loss uses raw rewards (reward backprop, ReFL)."""
 
     name = "none"
@@ -40,7 +40,7 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, std: str = "group", eps
     return adv
 
 
-class GroupAdvantage:
+class GroupAdvantage(BaseEstimator):
     """GRPO-style group-normalised advantage, gathered across processes; sources other than
     ``sources`` (e.g. offline samples) get no group advantage (NaN) and are left to the loss."""
 
@@ -66,7 +66,7 @@ class GroupAdvantage:
         return batch.with_(advantages=adv)
 
 
-class BatchNormalized:
+class BatchNormalized(BaseEstimator):
     """Whole-batch normalisation ``(r - mean) / (std + eps)`` over all processes."""
 
     name = "batch"

@@ -15,25 +15,16 @@ from torch import Tensor
 
 from ..errors import TrlVideoError
 from ..rollouts import Rollouts
-from .base import TrainContext
+from .base import BaseReplay, TrainContext
 
 
-class FreshReplay:
+class FreshReplay(BaseReplay):
     name = "fresh"
     needs_rollouts = True
-
-    def update(self, ctx: TrainContext, fresh: Rollouts) -> None:
-        pass
 
     def sample(self, ctx: TrainContext, fresh: Rollouts | None) -> Rollouts:
         assert fresh is not None
         return fresh
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class FIFOReplay(FreshReplay):

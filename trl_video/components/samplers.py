@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import sampling
 from ..models.schedule import gaussian_log_prob
 from ..rollouts import Rollouts
-from .base import TrainContext
+from .base import BaseSampler, TrainContext
 
 
 @contextlib.contextmanager
@@ -56,12 +57,8 @@ def behaviour_policy(ctx: TrainContext, behaviour: str) -> Iterator[Any]:
 
 
 def predict(ctx: TrainContext, net: Any, x: Tensor, t: Tensor, emb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(native, x0_hat, eps_hat) at (x, t)."""
-    tb = t.expand(x.shape[0]) if t.ndim == 0 else t
-    with ctx.accelerator.autocast():
-        native = ctx.policy.predict(x, tb, emb, transformer=net).float()
-    sch = ctx.policy.schedule
-    return native, sch.to_x0(native, x, tb), sch.to_eps(native, x, tb)
+    """(native, x0_hat, eps_hat) at (x, t), in the trainer's mixed precision (:func:`trl_video.sampling.predict`)."""
+    return sampling.predict(ctx.policy, x, t, emb, net=net, autocast=ctx.accelerator.autocast)
 
 
 def transition_log_prob(ctx: TrainContext, net: Any, x_t: Tensor, x_s: Tensor, t: Tensor, s: Tensor, emb: Tensor,
@@ -83,8 +80,10 @@ def _check_stochastic_steps(steps: list[int], num_steps: int, key: str) -> None:
                             f"got {bad}")
 
 
-class Sampler:
-    name = "base"
+class GridSampler(BaseSampler):
+    """Base of the built-in samplers: ``num_steps`` steps on the schedule's t-grid, a behaviour policy."""
+
+    name = "grid"
 
     def __init__(self, num_steps: int = 20, behaviour: str = "current", record_trajectory: bool = True):
         if num_steps < 1:
@@ -105,7 +104,7 @@ class Sampler:
         raise NotImplementedError
 
 
-class ODESampler(Sampler):
+class ODESampler(GridSampler):
     name = "ode"
 
     def __init__(self, num_steps: int = 20, behaviour: str = "current", record_trajectory: bool = True, eta: float = 0.0,
@@ -133,8 +132,8 @@ class ODESampler(Sampler):
             for i in range(self.num_steps):
                 t, s = grid[i], grid[i + 1]
                 eta = self.eta if self.stochastic(i) else 0.0
-                _, x0, eps = predict(ctx, net, x, t, embeds)
-                mean, std = ctx.policy.schedule.ddim_step(x0, eps, t, s, eta)
+                mean, std, _, _ = sampling.denoise_step(ctx.policy, x, t, s, embeds, net=net, eta=eta,
+                                                        autocast=ctx.accelerator.autocast)
                 if eta > 0:
                     x_next = mean + std * ctx.randn(*mean.shape)
                     logps[:, i] = gaussian_log_prob(x_next, mean, std)
@@ -145,8 +144,7 @@ class ODESampler(Sampler):
                     traj.append(x)
         return Rollouts(latents=x, prompts=list(prompts), prompt_embeds=embeds, group_ids=group_ids,
                         trajectory=torch.stack(traj, 1) if traj else None, timesteps=grid, log_probs=logps,
-                        noise=noise, source="ema" if self.behaviour == "ema" else "online",
-                        extras={"eta": torch.tensor(self.eta)})
+                        noise=noise, source="ema" if self.behaviour == "ema" else "online", eta=self.eta)
 
 
 class SDESampler(ODESampler):
@@ -157,7 +155,7 @@ class SDESampler(ODESampler):
         super().__init__(num_steps, behaviour, record_trajectory, eta, sde_steps)
 
 
-class FewStepSampler(Sampler):
+class FewStepSampler(GridSampler):
     """K-step generator: at each t_k predict x0, then re-noise with fresh noise to t_{k+1}."""
 
     name = "fewstep"
@@ -174,15 +172,13 @@ class FewStepSampler(Sampler):
 
     def sample(self, ctx: TrainContext, prompts: list[str], embeds: Tensor, group_ids: Tensor) -> Rollouts:
         grid = self.grid(ctx)
-        x = noise = self.initial_noise(ctx, len(prompts))
-        traj = [x]
-        sch = ctx.policy.schedule
+        noise = self.initial_noise(ctx, len(prompts))
+        traj = [noise]
         with behaviour_policy(ctx, self.behaviour) as net, torch.set_grad_enabled(self.grad):
-            for i in range(self.num_steps):
-                _, x0, _ = predict(ctx, net, x, grid[i], embeds)
-                if i + 1 < self.num_steps:
-                    x = sch.add_noise(x0, ctx.randn(*x0.shape), grid[i + 1].expand(x0.shape[0]))
-                    traj.append(x.detach())
+            x0 = sampling.fewstep_sample(ctx.policy, noise, embeds, self.step_times,
+                                         lambda k, shape: ctx.randn(*shape), net=net,
+                                         autocast=ctx.accelerator.autocast,
+                                         on_step=lambda k, x: traj.append(x.detach()))
         traj.append(x0.detach())
         return Rollouts(latents=x0, prompts=list(prompts), prompt_embeds=embeds, group_ids=group_ids,
                         trajectory=torch.stack(traj, 1), timesteps=grid, noise=noise,
@@ -215,7 +211,7 @@ class BranchSampler(ODESampler):
                 (ctx.config.seed * 1_000_003 + ctx.step) * 10_007 + int(gid)))
             for gid in group_ids.tolist()]).to(ctx.device)
         out = super().sample(ctx, prompts, embeds, group_ids)
-        out.extras["branch_step"] = torch.full((len(prompts),), b, dtype=torch.long)
+        out.branch_step = torch.full((len(prompts),), b, dtype=torch.long)
         return out
 
     def initial_noise(self, ctx: TrainContext, n: int) -> Tensor:
@@ -226,7 +222,7 @@ class BranchSampler(ODESampler):
         return super().initial_noise(ctx, n)
 
 
-class WindowGradSampler(Sampler):
+class WindowGradSampler(GridSampler):
     """Gradients only on a window of ``grad_steps`` steps (truncated backprop).
 
     ``start_range=(lo, hi)``: the first grad step index is drawn uniformly in [lo, hi] each call (same on
@@ -285,10 +281,12 @@ class WindowGradSampler(Sampler):
                 x0, _ = self._predict(ctx, net, x, grid[end], embeds, checkpoint=True)  # one-shot x0 at t_end
             latents = x0 if self.finish == "x0" else x
         return Rollouts(latents=latents, prompts=list(prompts), prompt_embeds=embeds, group_ids=group_ids,
-                        timesteps=grid, noise=noise,
-                        extras={"window_start": torch.full((len(prompts),), start, dtype=torch.long),
-                                "t_mid": grid[start].expand(len(prompts)).clone()})
+                        timesteps=grid, noise=noise, eta=self.eta,
+                        window_start=torch.full((len(prompts),), start, dtype=torch.long),
+                        t_mid=grid[start].expand(len(prompts)).clone())
 
+
+Sampler = GridSampler  # the former name of the base class
 
 BUILTIN_SAMPLERS = {c.name: c for c in (ODESampler, SDESampler, FewStepSampler, BranchSampler, WindowGradSampler)}
 _ = math

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..components.base import Phase, TrainContext
+from ..components.base import BaseLoss, Phase, TrainContext
 from ..config import MethodConfig, doc_field
 from ..errors import TrlVideoError
 from ..plugins import MethodSpec
@@ -49,7 +49,7 @@ def anchor_mse(ctx: TrainContext, x0: torch.Tensor, embeds: torch.Tensor, draws:
     return total / draws
 
 
-class ReFLLoss:
+class ReFLLoss(BaseLoss):
     name = "refl"
     sample_grad = True  # the sampler keeps a graph through its window of steps
     reward_grad = True  # the reward is computed with gradients

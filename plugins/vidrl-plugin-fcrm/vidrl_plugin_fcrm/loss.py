@@ -172,13 +172,9 @@ class EMARewardNormalizer:
 
 def fewstep_timesteps(ctx: TrainContext) -> list[float]:
     """The K timesteps of the recipe's sampler (``fewstep``: its ``step_times``)."""
-    from trl_video.plan import resolve_plan
-
-    plan = resolve_plan(ctx.config, ctx.registry)
-    name, args = plan.components["sampler"]
-    sampler = ctx.registry.create("sampler", name, **args)
-    times = getattr(sampler, "step_times", None)
+    times = getattr(ctx.sampler, "step_times", None)
     if not times:
+        name = getattr(ctx.sampler, "name", type(ctx.sampler).__name__)
         raise TrlVideoError(f"method_args.timestep_dist 'sampler' needs a few-step sampler with fixed timesteps "
                             f"(`fewstep`); the recipe's sampler is '{name}'. Set method_args.timestep_set instead.")
     return [float(t) for t in times]

@@ -43,8 +43,8 @@ def test_gradients_only_in_the_window(cog_policy, tmp_path):
     assert [g for g, _ in calls] == [False, False, True, True, True]
     want_ts = [float(tr.policy.schedule.model_timestep(grid[i])) for i in range(5)]
     assert [t for _, t in calls] == pytest.approx(want_ts, rel=1e-5)
-    assert torch.allclose(out.extras["t_mid"], grid[2].expand(2))
-    assert torch.allclose(out.extras["t_last"], grid[4].expand(2)) and not out.extras["x_last"].requires_grad
+    assert torch.allclose(out.t_mid, grid[2].expand(2))
+    assert torch.allclose(out.t_last, grid[4].expand(2)) and not out.x_last.requires_grad
     assert out.latents.requires_grad
     out.latents.sum().backward()
     grads = [p.grad for p in tr.policy.trainable_parameters()]
@@ -66,7 +66,7 @@ def test_policy_loss_matches_independent_computation(cog_policy, tmp_path):
 
     loss, met = tr.loss.compute(tr.ctx, Phase("policy"), batch)
     with torch.no_grad():  # separately: -mean(mean_n R_n(z0)) + 10 * mean ||n_theta - n_init||^2 at x_last
-        x, t = batch.extras["x_last"], batch.extras["t_last"]
+        x, t = batch.x_last, batch.t_last
         n_theta = tr.policy.predict(x, t, emb)
         with tr.policy.reference() as ref:
             n_ref = tr.policy.predict(x, t, emb, transformer=ref)

@@ -46,8 +46,6 @@ class VELRLoss:
 
     # ------------------------------------------------------------------ setup
     def setup(self, ctx: TrainContext) -> dict[str, Trainable]:
-        from trl_video.plan import build_reward
-
         cfg: VELRConfig = ctx.method_config
         self.cfg = cfg
         if isinstance(ctx.reward, LRMReward):
@@ -56,7 +54,7 @@ class VELRLoss:
             self.reward_grad = True
             self.true_reward = None
             if cfg.pixel_reward:
-                self.true_reward = build_reward(ctx.registry, cfg.pixel_reward, dict(cfg.pixel_reward_args))
+                self.true_reward = ctx.build_reward(cfg.pixel_reward, dict(cfg.pixel_reward_args))
             elif cfg.online_alignment or cfg.true_reward_every:
                 raise TrlVideoError("velr: with `reward: lrm` set method_args.pixel_reward (the true pixel "
                                     "reward, e.g. alignment) or turn off online_alignment and true_reward_every")
@@ -65,7 +63,7 @@ class VELRLoss:
             args = dict(cfg.lrm_args)
             self.lrm = LRMReward(path=cfg.lrm_path, **args)
             self.reward_grad = False  # the trainer scores the true reward without grad
-            self.true_reward = (build_reward(ctx.registry, cfg.pixel_reward, dict(cfg.pixel_reward_args))
+            self.true_reward = (ctx.build_reward(cfg.pixel_reward, dict(cfg.pixel_reward_args))
                                 if cfg.pixel_reward else ctx.reward)
         if cfg.aggregation:
             self.lrm.aggregation = cfg.aggregation
@@ -130,8 +128,8 @@ class VELRLoss:
         metrics = {"lrm_reward": float(r.detach().mean())}
         if var is not None:
             metrics["lrm_variance"] = float(var.mean())
-        if "t_mid" in batch.extras:
-            metrics["t_mid"] = float(batch.extras["t_mid"].float().mean())
+        if batch.t_mid is not None:
+            metrics["t_mid"] = float(batch.t_mid.float().mean())
         if self.cfg.kl_weight > 0:
             kl = self.kl(ctx, batch)
             loss = loss + self.cfg.kl_weight * kl
@@ -141,8 +139,8 @@ class VELRLoss:
     def kl(self, ctx: TrainContext, batch: Rollouts) -> torch.Tensor:
         """``mean || n_theta - n_init ||^2`` at the last grad step (or ReFL's re-noised anchor)."""
         emb = batch.prompt_embeds
-        if self.cfg.kl_at == "last_step" and "x_last" in batch.extras:
-            x, t = batch.extras["x_last"].detach(), batch.extras["t_last"]
+        if self.cfg.kl_at == "last_step" and batch.x_last is not None and batch.t_last is not None:
+            x, t = batch.x_last.detach(), batch.t_last
             with ctx.accelerator.autocast():
                 n_theta = ctx.policy.predict(x, t, emb).float()
                 with torch.no_grad(), ctx.policy.reference() as ref:

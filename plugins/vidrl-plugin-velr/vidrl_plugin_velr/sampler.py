@@ -16,8 +16,8 @@ from trl_video.rollouts import Rollouts
 class VELRWindowSampler(WindowGradSampler):
     """Truncated mid-step sampling (paper Sec. 4.3, App. C.2: 50 steps, t_mid in steps 15-25, K = 10).
 
-    Identical to ``window`` with ``finish="x0"``; additionally ``extras["x_last"]`` (detached) and
-    ``extras["t_last"]`` hold the input of the last network evaluation with gradients (the one-shot x0
+    Identical to ``window`` with ``finish="x0"``; additionally ``Rollouts.x_last`` (detached) and
+    ``Rollouts.t_last`` hold the input of the last network evaluation with gradients (the one-shot x0
     prediction at ``t_{mid+K}``), where VELR's loss evaluates the KL to the initial model.
     """
 
@@ -38,7 +38,7 @@ class VELRWindowSampler(WindowGradSampler):
         out = super().sample(ctx, prompts, embeds, group_ids)
         assert self._last is not None
         x, t = self._last
-        out.extras["x_last"] = x
-        out.extras["t_last"] = torch.as_tensor(t, device=x.device).expand(len(prompts)).clone()
+        out.x_last = x
+        out.t_last = torch.as_tensor(t, device=x.device).expand(len(prompts)).clone()
         self._last = None
         return out

@@ -1,0 +1,116 @@
+"""The repository's ``benchmarks/<method>/`` folders as ``trl-video bench <method>.<name>`` commands.
+
+Experiment drivers, toy studies and paper-reproduction benches live outside the installable packages, in the
+top-level ``benchmarks/`` tree of the repository. Each ``benchmarks/<method>/bench.py`` declares
+
+    BENCHMARKS = {"compare": compare_main, ...}   # name -> function(argv: list[str]) -> int
+
+The names are read from the file without importing it (so a broken benchmark never slows down or stops
+``trl-video train``); the module is imported, as ``trl_video_benchmarks.<method>.bench``, when a benchmark
+runs. The folder is found next to the source tree of an editable / checkout install, or wherever
+``TRL_VIDEO_BENCHMARKS`` points; a wheel install has none (``trl-video bench`` says where they are).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+BENCHMARKS_ENV = "TRL_VIDEO_BENCHMARKS"
+PACKAGE = "trl_video_benchmarks"
+REPOSITORY_HINT = ("the method benchmarks live in the repository's benchmarks/ folder: run them from a checkout "
+                   f"(pip install -e . plugins/*/), or set {BENCHMARKS_ENV} to a copy of that folder")
+
+BenchFn = Callable[[list[str]], int]
+
+
+def benchmarks_root() -> Path | None:
+    """``$TRL_VIDEO_BENCHMARKS``, else ``benchmarks/`` beside the source tree of a checkout install."""
+    env = os.environ.get(BENCHMARKS_ENV)
+    if env:
+        return Path(env).resolve()
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    return root if root.is_dir() else None
+
+
+def _package(root: Path) -> ModuleType:
+    """The synthetic package ``trl_video_benchmarks`` whose sub-packages are the method folders."""
+    pkg = sys.modules.get(PACKAGE)
+    if pkg is None or list(getattr(pkg, "__path__", [])) != [str(root)]:
+        spec = importlib.machinery.ModuleSpec(PACKAGE, None, is_package=True)
+        spec.submodule_search_locations = [str(root)]
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = pkg
+        for name in [m for m in sys.modules if m.startswith(PACKAGE + ".")]:
+            del sys.modules[name]
+    return pkg
+
+
+def import_benchmark(method: str, module: str = "bench") -> ModuleType:
+    """Import ``benchmarks/<method>/<module>.py`` (relative imports inside the folder work)."""
+    root = benchmarks_root()
+    if root is None:
+        from .errors import TrlVideoError
+
+        raise TrlVideoError(f"no benchmarks folder: {REPOSITORY_HINT}")
+    _package(root)
+    return importlib.import_module(f"{PACKAGE}.{method}.{module}")
+
+
+def declared_benchmarks(bench_file: Path) -> dict[str, str]:
+    """``BENCHMARKS = {"name": function, ...}`` of a bench.py, read without importing it: name -> function name."""
+    tree = ast.parse(bench_file.read_text(), str(bench_file))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "BENCHMARKS"
+                                                for t in node.targets):
+            value = node.value
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "BENCHMARKS":
+            value = node.value  # type: ignore[assignment]
+        else:
+            continue
+        if not isinstance(value, ast.Dict):
+            raise ValueError("BENCHMARKS must be a dict literal {name: function}")
+        out = {}
+        for k, v in zip(value.keys, value.values):
+            if not (isinstance(k, ast.Constant) and isinstance(k.value, str) and isinstance(v, ast.Name)):
+                raise ValueError("BENCHMARKS entries must be \"name\": function")
+            out[k.value] = v.id
+        return out
+    raise ValueError("no BENCHMARKS mapping")
+
+
+def _lazy(method: str, function: str) -> BenchFn:
+    def run(argv: list[str]) -> int:
+        fn = getattr(import_benchmark(method), function)
+        return int(fn(argv) or 0)
+
+    run.__name__ = f"{method}.{function}"
+    run.__doc__ = f"benchmarks/{method}/bench.py:{function}"
+    return run
+
+
+def discover_benchmarks(broken: dict[str, str] | None = None) -> list[tuple[str, BenchFn, str]]:
+    """``(method.name, function, "benchmarks/<method>")`` for every declared benchmark; a folder whose
+    bench.py cannot be read is reported in ``broken`` and skipped."""
+    root = benchmarks_root()
+    if root is None:
+        return []
+    out = []
+    for bench_file in sorted(root.glob("*/bench.py")):
+        method = bench_file.parent.name
+        where = f"benchmarks/{method}"
+        try:
+            names = declared_benchmarks(bench_file)
+        except (OSError, SyntaxError, ValueError) as exc:
+            if broken is not None:
+                broken[where] = f"{where}/bench.py: {type(exc).__name__}: {exc}"
+            continue
+        out += [(f"{method}.{name}", _lazy(method, fn), where) for name, fn in names.items()]
+    return out
