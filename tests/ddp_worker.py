@@ -9,7 +9,9 @@ per rank:
   of step 1 before the all-reduce (``local_grad``) and after it (``synced_grad``), both flattened in
   ``group_params`` order; the direct GroupAdvantage inputs/outputs (``direct/…``).
 * ``rank{r}.json``: per step the prompts, group ids, rewards and advantages this rank saw (``steps`` for the
-  2x2 run, ``span_steps`` for the 1x4 step).
+  2x2 run, ``span_steps`` for the 1x4 step); for one step with 2 micro-batches per rank, every loss value and
+  reward this rank computed (``acc_losses``, ``acc_rewards``) and the metrics the trainer returned
+  (``acc_metrics``).
 """
 
 from __future__ import annotations
@@ -66,19 +68,23 @@ def main(outdir: str) -> None:
     trainer.estimator = Recording(trainer.estimator, steps)
 
     # ---- capture the gradient before / after the all-reduce of the first optimiser step
-    reduce = acc.reduce
+    sync = trainer._sync_gradients
     captured: dict[str, torch.Tensor] = {}
 
-    def recording_reduce(tensor, *args, **kwargs):
-        result = reduce(tensor, *args, **kwargs)
-        if "local_grad" not in captured:
-            captured["local_grad"] = tensor.detach().clone().contiguous()
-            captured["synced_grad"] = result.detach().clone().contiguous()
-        return result
+    def flat_grads(params) -> torch.Tensor:
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten() for p in params])
 
-    acc.reduce = recording_reduce
+    def recording_sync(params):
+        first = "local_grad" not in captured
+        if first:
+            captured["local_grad"] = flat_grads(params).clone()
+        sync(params)
+        if first:
+            captured["synced_grad"] = flat_grads(params).clone()
+
+    trainer._sync_gradients = recording_sync
     trainer.train()
-    acc.reduce = reduce
+    trainer._sync_gradients = sync
     tensors.update(captured)
     for n, p in trainer.policy.transformer.named_parameters():
         if p.requires_grad:
@@ -91,6 +97,29 @@ def main(outdir: str) -> None:
     span_steps: list[dict] = []
     trainer2.estimator = Recording(trainer2.estimator, span_steps)
     trainer2.training_step()
+
+    # ---- logged metrics: 2 micro-batches per rank; record every loss value each rank computes
+    cfg3 = VideoRewardConfig(**{**cfg.to_dict(), "gradient_accumulation_steps": 2, "output_dir": str(out / "run_acc")})
+    trainer3 = VideoRewardTrainer(cfg3, policy=trainer.policy)
+    losses: list[float] = []
+    compute = trainer3.loss.compute
+
+    def recording_compute(ctx, phase, batch):
+        loss, met = compute(ctx, phase, batch)
+        losses.append(float(loss.detach()))
+        return loss, met
+
+    trainer3.loss.compute = recording_compute
+    rewards: list[float] = []
+    score = trainer3.ctx.score
+
+    def recording_score(*args, **kwargs):
+        r = score(*args, **kwargs)
+        rewards.extend(r.detach().float().tolist())
+        return r
+
+    trainer3.ctx.score = recording_score
+    logged = trainer3.training_step()
 
     # ---- GroupAdvantage directly, with groups that span the two ranks
     g = torch.Generator().manual_seed(100 + rank)
@@ -105,6 +134,8 @@ def main(outdir: str) -> None:
 
     save_file({k: v.cpu() for k, v in tensors.items()}, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world": acc.num_processes, "steps": steps, "span_steps": span_steps,
+                                                      "acc_losses": losses, "acc_rewards": rewards,
+                                                      "acc_metrics": logged,
                                                       "global_step": trainer.global_step}))
     acc.wait_for_everyone()
 

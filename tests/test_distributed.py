@@ -176,3 +176,23 @@ def test_checkpoint_holds_every_rank(ddp_run):
     g0 = torch.load(ck / "rng-0.pt", weights_only=True)["generator"]
     g1 = torch.load(ck / "rng-1.pt", weights_only=True)["generator"]
     assert not torch.equal(g0, g1)
+
+
+def test_logged_metrics_are_means_over_ranks_and_micro_batches(ddp_run):
+    """2 ranks x 2 micro-batches: the logged loss is the mean of all 4 values (not rank 0's last micro-batch),
+    the reward statistics cover all 8 samples, and both ranks return the same figures."""
+    r0, r1 = ddp_run["ranks"]
+    losses = r0["acc_losses"] + r1["acc_losses"]
+    assert len(r0["acc_losses"]) == len(r1["acc_losses"]) == 2
+    assert len(set(losses)) == 4  # the four micro-batches differ, so the mean is a real test
+    m0, m1 = r0["acc_metrics"], r1["acc_metrics"]
+    assert m0["loss/policy"] == pytest.approx(np.mean(losses), rel=1e-6)
+    assert m0["loss/policy"] != pytest.approx(r0["acc_losses"][-1], rel=1e-6)
+    rewards = np.array(r0["acc_rewards"] + r1["acc_rewards"])
+    assert len(rewards) == 8
+    assert m0["reward_mean"] == pytest.approx(rewards.mean(), abs=1e-6)
+    assert m0["reward_std"] == pytest.approx(rewards.std(), abs=1e-6)
+    assert m0["samples_per_second"] == pytest.approx(8 / m0["seconds"])
+    assert m0["peak_memory_mb"] > 50
+    for k in ("loss/policy", "reward_mean", "grad_norm/policy", "seconds", "peak_memory_mb"):
+        assert m0[k] == m1[k], k

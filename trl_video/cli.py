@@ -111,6 +111,8 @@ def _check_sources(config: Any) -> None:
         if not src.startswith("world:") and (src.startswith((".", "/")) or Path(src).suffix):
             if not Path(src).exists():
                 raise TrlVideoError(f"{key}: file or folder not found: {src}")
+    if config.prompt_embeds and not Path(config.prompt_embeds).is_dir():
+        raise TrlVideoError(f"prompt_embeds: folder not found: {config.prompt_embeds}")
     if config.offline_latents and not Path(config.offline_latents).exists():
         raise TrlVideoError(f"offline_latents: folder not found: {config.offline_latents}")
     m = config.model
@@ -165,6 +167,20 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encode_prompts(args: argparse.Namespace) -> int:
+    from .data import load_prompts
+    from .models.policy import encode_prompt_dataset, load_policy
+    from .trainer import PRECISION_DTYPES
+
+    if Path(args.out).exists():
+        raise TrlVideoError(f"--out '{args.out}' already exists (nothing was overwritten)")
+    prompts = load_prompts(args.prompts, args.prompt_column)
+    policy = load_policy(args.model, dtype=PRECISION_DTYPES[args.precision])
+    n = encode_prompt_dataset(policy, prompts, args.out, batch_size=args.batch_size, dtype=args.dtype)
+    print(f"encoded {n} prompts (with the empty prompt) -> {args.out}; train with `prompt_embeds: {args.out}`")
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import push_folder
 
@@ -216,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True)
     c.add_argument("--out", required=True)
     c.add_argument("--batch-size", type=int, default=4)
+    ep = sub.add_parser("encode-prompts", help="pre-encode a prompt set once into an HF dataset of text embeddings")
+    ep.add_argument("--model", required=True)
+    ep.add_argument("--prompts", required=True, help="world:<split>, a json/jsonl/csv/parquet/txt file, a dataset "
+                                                     "folder or a hub dataset id")
+    ep.add_argument("--prompt-column", default="prompt")
+    ep.add_argument("--out", required=True)
+    ep.add_argument("--batch-size", type=int, default=32)
+    ep.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored dtype")
+    ep.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no",
+                    help="dtype the text encoder runs in (as the recipe's mixed_precision)")
     p = sub.add_parser("push", help="push a saved model folder to the Hub")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--repo-id", required=True)
@@ -252,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.showwarning = _one_line_warning
                 return cmd_train(argv[argv.index("train") + 1:])
         return {"plugins": cmd_plugins, "eval": cmd_eval, "encode": cmd_encode,
+                "encode-prompts": cmd_encode_prompts,
                 "push": cmd_push, "pretrain": cmd_pretrain}[args.command](args)
     except TrlVideoError as exc:
         print(f"error: {exc}", file=sys.stderr)

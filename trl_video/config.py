@@ -153,6 +153,12 @@ class VideoRewardConfig(ConfigBase):
     height: int | None = doc_field(None, "Override the video height in pixels.")
     width: int | None = doc_field(None, "Override the video width in pixels.")
 
+    prompt_embeds: str | None = doc_field(None, "Folder of pre-encoded prompt embeddings (`trl-video encode-prompts`, "
+                                         "an HF dataset saved with save_to_disk): prompts found there are read from "
+                                         "it (memory-mapped) instead of running the text encoder.")
+    text_cache_size: int = doc_field(1024, "Text embeddings kept in the in-memory LRU cache (on the CPU); 0 disables "
+                                          "the cache.", ge=0)
+
     # ---- optimisation
     max_steps: int = doc_field(100, "Number of training steps (policy optimiser updates).", ge=1)
     prompts_per_step: int = doc_field(4, "Distinct prompts per step (all processes together).", ge=1)
@@ -169,7 +175,16 @@ class VideoRewardConfig(ConfigBase):
     max_grad_norm: float = doc_field(1.0, "Gradient clipping norm (0 disables).")
     gradient_checkpointing: bool = doc_field(False, "Enable gradient checkpointing in the transformer.")
     ema_decay: float = doc_field(0.0, "Keep an EMA of the policy's trainable weights with this decay (0 = off).")
-    mixed_precision: Literal["no", "bf16", "fp16"] = doc_field("no", "accelerate mixed precision: no | bf16 | fp16.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = doc_field(
+        "no", "no | bf16 | fp16: frozen weights (text encoder, VAE, frozen transformer base / reference) are loaded "
+              "in this dtype and forward passes run under autocast; fp16 adds a dynamic loss scaler (inf steps "
+              "skipped and counted).")
+    trainable_dtype: Literal["fp32", "bf16"] = doc_field(
+        "fp32", "fp32 | bf16: dtype of the trainable parameters (LoRA or full) and thus of their gradients and AdamW "
+                "states; fp32 (master weights) is the default.")
+    grad_sync_bucket_mb: float = doc_field(25.0, "Gradients are averaged across ranks in place, small ones packed in "
+                                                "buckets of at most this many MiB (the only extra memory of the sync).",
+                                           gt=0)
     seed: int = doc_field(0, "Random seed (prompt order, noise, initialisation).")
 
     # ---- LoRA: trl.ModelConfig's fields, turned into a peft LoraConfig by trl.get_peft_config

@@ -10,6 +10,7 @@ auxiliary ``Trainable`` modules their loss returns from ``setup``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -29,6 +30,64 @@ from .plugins import Registry, get_registry
 from .rollouts import Rollouts
 
 CHECKPOINT_PREFIX = "checkpoint-"
+PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAINABLE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def cast_trainable(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters that require grad (LoRA or the full transformer, auxiliary modules) to ``dtype``;
+    frozen weights keep the dtype they were loaded in."""
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params(module, dtype=dtype)
+
+
+def count_optimizer_steps(loss: Any, groups: list[str], config: VideoRewardConfig) -> tuple[dict[str, int],
+                                                                                         dict[str, int]]:
+    """Optimiser steps each group takes over the run, and during the first ``warmup_steps`` trainer steps,
+    read from ``loss.phases(step)`` for every step (phase repeats, phases that run every M steps). A constant
+    schedule needs no count."""
+    total = dict.fromkeys(groups, config.max_steps)
+    warm = dict.fromkeys(groups, config.warmup_steps)
+    if config.lr_scheduler_type == "constant":
+        return total, warm
+    total = dict.fromkeys(groups, 0)
+    warm = dict.fromkeys(groups, 0)
+    for step in range(config.max_steps):
+        for phase in loss.phases(step):
+            for g in phase.groups:
+                if g in total:
+                    total[g] += phase.repeats
+                    if step < config.warmup_steps:
+                        warm[g] += phase.repeats
+    return total, warm
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window: CUDA's max-allocated counter, or the process's peak RSS (Linux
+    ``/proc/self/clear_refs``: writing 5 resets VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak since :func:`reset_peak_memory`: CUDA max-allocated on GPU, peak RSS (VmHWM) on CPU, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # lifetime peak where /proc is missing
 
 
 def find_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -63,7 +122,9 @@ class VideoRewardTrainer:
         self.recipe = recipe if recipe is not None else config.to_dict()
         self.registry = registry or get_registry()
         self.plan = resolve_plan(config, self.registry)
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        # The trainer applies the recipe's precision itself (dtypes, autocast, GradScaler for fp16): accelerate's
+        # state is a process-wide singleton that cannot change between trainers, and it has no fp16 on CPU.
+        self.accelerator = Accelerator(mixed_precision="no")
         self.output_dir = Path(config.output_dir)
         existing = find_checkpoints(self.output_dir)
         if existing and not resume:
@@ -72,12 +133,16 @@ class VideoRewardTrainer:
         self.resume_from = existing[-1] if (resume and existing) else None
         set_seed(config.seed)
 
-        # ---- model
+        # ---- model: frozen weights in the recipe's dtype, trainable parameters in trainable_dtype (fp32 masters)
+        self.frozen_dtype = PRECISION_DTYPES[config.mixed_precision]
+        self.trainable_dtype = TRAINABLE_DTYPES[config.trainable_dtype]
         if policy is None:
             from .models.policy import load_policy
 
-            policy = load_policy(config.model, num_frames=config.num_frames, height=config.height, width=config.width)
-        self.policy = policy.to(self.accelerator.device)
+            policy = load_policy(config.model, dtype=self.frozen_dtype, num_frames=config.num_frames,
+                                 height=config.height, width=config.width)
+        self.policy = policy.to(self.accelerator.device)  # a policy passed in is used in the dtype it has
+        self.policy.configure_text_cache(config.text_cache_size, config.prompt_embeds)
         torch.manual_seed(config.seed)
         peft_config = config.peft_config()  # trl.get_peft_config(trl.ModelConfig) -> peft LoraConfig | None
         if peft_config is not None:
@@ -85,7 +150,12 @@ class VideoRewardTrainer:
                 self.policy.add_adapter(peft_config)
         else:
             self.policy.transformer.requires_grad_(True)
-            self.policy.freeze_reference()
+            self.policy.freeze_reference()  # the frozen copy keeps the frozen dtype
+        cast_trainable(self.policy.transformer, self.trainable_dtype)
+        # fp16: dynamic loss scaling; overflowing steps are skipped and counted
+        self.scaler: torch.amp.GradScaler | None = None
+        if config.mixed_precision == "fp16":
+            self.scaler = torch.amp.GradScaler(self.accelerator.device.type)
         if config.gradient_checkpointing and hasattr(self.policy.transformer, "enable_gradient_checkpointing"):
             self.policy.transformer.enable_gradient_checkpointing()
 
@@ -125,20 +195,24 @@ class VideoRewardTrainer:
             if name in self.groups:
                 raise TrlVideoError(f"loss '{comps['loss'][0]}' declares a trainable group named '{name}' twice")
             tr.module.to(self.accelerator.device)
+            cast_trainable(tr.module, self.trainable_dtype)
             self.groups[name] = tr
         self.ctx.modules = {n: g.module for n, g in self.groups.items()}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, Any] = {}
         from transformers import get_scheduler
 
+        # each group's schedule spans the optimiser steps it really takes (phase repeats, every-M phases)
+        self.planned_steps, planned_warmup = count_optimizer_steps(self.loss, list(self.groups), config)
         for name, g in self.groups.items():
             params = self.group_params(name)
             opt = torch.optim.AdamW(params, lr=g.lr or config.learning_rate,
                                     weight_decay=config.weight_decay if g.weight_decay is None else g.weight_decay,
                                     betas=g.betas or (config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
             self.optimizers[name] = opt
-            self.schedulers[name] = get_scheduler(config.lr_scheduler_type, opt, num_warmup_steps=config.warmup_steps,
-                                                  num_training_steps=config.max_steps)
+            self.schedulers[name] = get_scheduler(config.lr_scheduler_type, opt,
+                                                  num_warmup_steps=planned_warmup[name],
+                                                  num_training_steps=max(1, self.planned_steps[name]))
         # EMA copies (diffusers' EMAModel) of every group that asks for one
         from diffusers.training_utils import EMAModel
 
@@ -160,27 +234,55 @@ class VideoRewardTrainer:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def _sync_and_step(self, name: str) -> float:
-        params = self.group_params(name)
+    def autocast(self) -> Any:
+        """Autocast for forward passes in the recipe's mixed-precision dtype."""
+        if self.config.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.accelerator.device.type, dtype=self.frozen_dtype)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
+
+    def _sync_gradients(self, params: list[nn.Parameter]) -> None:
+        """Average gradients across ranks in place (bounded buckets, no flat copy; FSDP2-sharded parameters
+        are skipped). Explicit rather than DDP hooks: methods call one network several times per backward
+        (policy/reference/fake, two noising batches)."""
         if self.accelerator.num_processes > 1:
-            # explicit all-reduce (mean) of the group's gradients: methods call the same network several times
-            # per backward (policy/reference/fake, two noising batches), which DDP's hooks do not allow
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-            flat = self.accelerator.reduce(flat, reduction="mean")
-            offset = 0
-            for p in params:
-                n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p).clone()
-                offset += n
-        g = self.groups[name]
+            from .grad_sync import all_reduce_gradients
+
+            all_reduce_gradients(params, bucket_bytes=int(self.config.grad_sync_bucket_mb * 2**20))
+
+    def _sync_and_step(self, name: str) -> tuple[float, bool]:
+        """All-reduce, unscale (fp16), clip and step one group. Returns (grad norm before clipping, unscaled;
+        whether the step was skipped because the fp16 gradients overflowed)."""
+        params = self.group_params(name)
+        self._sync_gradients(params)
+        g, opt = self.groups[name], self.optimizers[name]
+        has_grad = any(p.grad is not None for p in params)
+        scaled = self.scaler is not None and has_grad
+        if scaled:
+            self.scaler.unscale_(opt)
         max_norm = g.max_grad_norm if g.max_grad_norm is not None else self.config.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm and max_norm > 0 else torch.tensor(0.0)
-        self.optimizers[name].step()
-        self.schedulers[name].step()
-        self.optimizers[name].zero_grad(set_to_none=True)
-        if name in self.ctx.ema:
-            self.ctx.ema[name].step(params)
-        return float(norm)
+        if has_grad and max_norm and max_norm > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        elif has_grad:
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        else:
+            norm = 0.0
+        skipped = False
+        if scaled:
+            self.scaler.step(opt)  # skips the update when unscale_ found inf/nan
+            skipped = not np.isfinite(norm)
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        if not skipped:
+            sch = self.schedulers[name]
+            if sch.last_epoch < self.planned_steps[name]:  # never run past the planned schedule
+                sch.step()
+            if name in self.ctx.ema:
+                self.ctx.ema[name].step(params)
+        return norm, skipped
 
     def _fresh_rollouts(self) -> Rollouts:
         cfg, ctx = self.config, self.ctx
@@ -222,10 +324,12 @@ class VideoRewardTrainer:
         cfg, ctx = self.config, self.ctx
         ctx.step = self.global_step
         ctx.state.clear()
+        reset_peak_memory(self.accelerator.device)
         t0 = time.perf_counter()
         cache: dict[Any, Rollouts] = {}
         stats: dict[str, list[torch.Tensor]] = {"reward": []}
-        metrics: dict[str, float] = {}
+        values: dict[str, list[float]] = {}  # every micro-batch / repeat value; logged: mean over them and ranks
+        skipped: dict[str, int] = {}
         phases: list[Phase] = self.loss.phases(self.global_step)
         accum = cfg.gradient_accumulation_steps
         for phase in phases:
@@ -235,25 +339,60 @@ class VideoRewardTrainer:
                                     f"trainable groups: {list(self.groups)}")
             for _ in range(phase.repeats):
                 for m in range(accum):
-                    batch = self._batch(cache, m, stats, phase.uses_graph) if phase.needs_rollouts else None
-                    loss, met = self.loss.compute(ctx, phase, batch)
+                    with self.autocast():
+                        batch = self._batch(cache, m, stats, phase.uses_graph) if phase.needs_rollouts else None
+                        loss, met = self.loss.compute(ctx, phase, batch)
                     if not torch.isfinite(loss):
                         raise TrlVideoError(f"loss phase '{phase.name}' is not finite ({float(loss)}) at step "
                                             f"{self.global_step}")
                     if loss.requires_grad:
-                        self.accelerator.backward(loss / accum)
-                    metrics[f"loss/{phase.name}"] = float(loss.detach())
+                        self._backward(loss / accum)
+                    values.setdefault(f"loss/{phase.name}", []).append(float(loss.detach()))
                     for k, v in met.items():
-                        metrics[f"{phase.name}/{k}"] = float(v)
+                        values.setdefault(f"{phase.name}/{k}", []).append(float(v))
                 for g in phase.groups:
-                    metrics[f"grad_norm/{g}"] = self._sync_and_step(g)
-        if stats["reward"]:
-            r = ctx.gather(torch.cat(stats["reward"]).float())
-            metrics["reward_mean"] = float(r.mean())
-            metrics["reward_std"] = float(r.std(unbiased=False))
+                    norm, was_skipped = self._sync_and_step(g)
+                    if was_skipped:
+                        skipped[g] = skipped.get(g, 0) + 1
+                    else:
+                        values.setdefault(f"grad_norm/{g}", []).append(norm)
+                if self.scaler is not None and phase.groups:
+                    self.scaler.update()  # once per backward, after every optimiser it fed has stepped
+        seconds = time.perf_counter() - t0
+        metrics = self._reduce_metrics(values, stats, seconds)
+        for g, n in skipped.items():
+            metrics[f"skipped_steps/{g}"] = float(n)
+        if self.scaler is not None:
+            metrics["loss_scale"] = float(self.scaler.get_scale())
         for name, sch in self.schedulers.items():
             metrics[f"lr/{name}"] = float(sch.get_last_lr()[0])
-        metrics["seconds"] = time.perf_counter() - t0
+        return metrics
+
+    def _reduce_metrics(self, values: dict[str, list[float]], stats: dict[str, list[torch.Tensor]],
+                        seconds: float) -> dict[str, float]:
+        """Means over micro-batches / repeats and over ranks (one collective); rewards over every sample of
+        every rank; samples per second; the step's peak memory (max over ranks)."""
+        keys = sorted(values)
+        local = [float(np.mean(values[k])) for k in keys]
+        rewards = torch.cat(stats["reward"]).float() if stats["reward"] else None
+        n_samples = 0 if rewards is None else len(rewards)
+        peak = peak_memory_mb(self.accelerator.device)
+        row = torch.tensor([*local, float(n_samples), seconds, peak], dtype=torch.float64)
+        if self.accelerator.num_processes > 1:
+            rows = self.accelerator.gather(row.to(self.accelerator.device).unsqueeze(0)).cpu()
+            if rewards is not None:
+                rewards = self.ctx.gather(rewards)
+            means, total_samples = rows[:, :len(keys)].mean(0), float(rows[:, len(keys)].sum())
+            seconds, peak = float(rows[:, -2].max()), float(rows[:, -1].max())
+        else:
+            means, total_samples = row[:len(keys)], float(n_samples)
+        metrics = {k: float(v) for k, v in zip(keys, means.tolist())}
+        if rewards is not None:
+            metrics["reward_mean"] = float(rewards.mean())
+            metrics["reward_std"] = float(rewards.std(unbiased=False))
+            metrics["samples_per_second"] = total_samples / seconds
+        metrics["seconds"] = seconds
+        metrics["peak_memory_mb"] = peak
         return metrics
 
     # ------------------------------------------------------------------ loop
@@ -304,7 +443,8 @@ class VideoRewardTrainer:
         if cfg.eval_at_end:
             from .evaluation import evaluate_trainer
 
-            result["eval"] = evaluate_trainer(self)
+            with self.autocast():  # frozen weights may be bf16/fp16
+                result["eval"] = evaluate_trainer(self)
         if cfg.push_to_hub and self.is_main:
             result["hub_url"] = self.push_to_hub()
         self.accelerator.wait_for_everyone()

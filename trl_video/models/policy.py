@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,12 @@ class VideoPolicy(nn.Module):
         self.num_frames, self.height, self.width = num_frames, height, width
         self.max_text_len = max_text_len
         self.source = source
-        self._prompt_cache: dict[str, tuple[Tensor, Tensor]] = {}
+        # text embeddings: a bounded LRU on the CPU (a 512x4096 fp32 Wan embedding is 8 MiB), optionally in front
+        # of a pre-encoded, memory-mapped embedding dataset (`trl-video encode-prompts`)
+        self._prompt_cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+        self.text_cache_size = 1024
+        self.embedding_store: PromptEmbeddingStore | None = None
+        self.text_encoder_calls = 0  # prompts run through the text encoder (the store and cache avoid it)
         self._frozen_reference: nn.Module | None = None
         for m in (self.vae, self.text_encoder):
             m.requires_grad_(False)
@@ -71,20 +77,50 @@ class VideoPolicy(nn.Module):
         return next(self.transformer.parameters()).device
 
     # ------------------------------------------------------------------ text
+    def configure_text_cache(self, size: int, prompt_embeds: str | None = None) -> None:
+        """Bound the LRU cache to ``size`` prompts (0: no cache) and read pre-encoded embeddings from the
+        dataset folder ``prompt_embeds`` when given."""
+        self.text_cache_size = size
+        while len(self._prompt_cache) > size:
+            self._prompt_cache.popitem(last=False)
+        if prompt_embeds:
+            self.embedding_store = PromptEmbeddingStore(prompt_embeds, self)
+
+    @torch.no_grad()
+    def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_text_len, truncation=True,
+                             return_tensors="pt")
+        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+        emb = self.text_encoder(ids, attention_mask=mask).last_hidden_state
+        self.text_encoder_calls += len(prompts)
+        return emb * mask.unsqueeze(-1).to(emb.dtype), mask  # as the diffusers pipelines: zero the padding
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """Frozen text embeddings ``[B, L, D]`` and mask ``[B, L]``; cached per prompt string."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        """Frozen text embeddings ``[B, L, D]`` and mask ``[B, L]`` on the policy's device. Looked up in the LRU
+        cache (CPU), then the pre-encoded store, then computed by the text encoder."""
+        found: dict[str, tuple[Tensor, Tensor]] = {}
+        for p in dict.fromkeys(prompts):
+            hit = self._prompt_cache.get(p)
+            if hit is not None:
+                self._prompt_cache.move_to_end(p)
+                found[p] = hit
+        missing = [p for p in dict.fromkeys(prompts) if p not in found]
+        if missing and self.embedding_store is not None:
+            found.update(self.embedding_store.lookup(missing))
+            missing = [p for p in missing if p not in found]
         if missing:
-            tok = self.tokenizer(missing, padding="max_length", max_length=self.max_text_len, truncation=True,
-                                 return_tensors="pt")
-            ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
-            emb = self.text_encoder(ids, attention_mask=mask).last_hidden_state
-            emb = emb * mask.unsqueeze(-1).to(emb.dtype)  # as the diffusers pipelines: zero the padding
-            for i, p in enumerate(missing):
-                self._prompt_cache[p] = (emb[i].detach(), mask[i])
-        embs = torch.stack([self._prompt_cache[p][0] for p in prompts])
-        masks = torch.stack([self._prompt_cache[p][1] for p in prompts])
+            emb, mask = self._encode_text(missing)
+            found.update({p: (emb[i].cpu(), mask[i].cpu()) for i, p in enumerate(missing)})
+        if self.text_cache_size > 0:
+            for p in dict.fromkeys(prompts):
+                if p not in self._prompt_cache:
+                    self._prompt_cache[p] = found[p]
+            while len(self._prompt_cache) > self.text_cache_size:
+                self._prompt_cache.popitem(last=False)
+        device = self.device
+        embs = torch.stack([found[p][0] for p in prompts]).to(device)
+        masks = torch.stack([found[p][1] for p in prompts]).to(device)
         return embs, masks
 
     # ------------------------------------------------------------------ prediction
@@ -239,7 +275,7 @@ class VideoPolicy(nn.Module):
         (path / "trl_video.json").write_text(json.dumps(meta, indent=2))
 
 
-def _load_pipeline_folder(path: Path, **overrides: Any) -> VideoPolicy:
+def _load_pipeline_folder(path: Path, dtype: torch.dtype = torch.float32, **overrides: Any) -> VideoPolicy:
     index = json.loads((path / "model_index.json").read_text())
     family = FAMILIES.get(index.get("_class_name", ""))
     if family is None:
@@ -247,7 +283,8 @@ def _load_pipeline_folder(path: Path, **overrides: Any) -> VideoPolicy:
                             f"(supported: {', '.join(FAMILIES)})")
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(path), trust_remote_code=False)
+    # torch_dtype: diffusers keeps each model's `_keep_in_fp32_modules` (e.g. Wan's norms) in fp32
+    pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, trust_remote_code=False)
     meta_path = path / "trl_video.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return _from_pipeline(pipe, family, meta, str(path), **overrides)
@@ -262,22 +299,24 @@ def _from_pipeline(pipe: Any, family: str, meta: dict[str, Any], source: str, **
 
 
 def load_policy(model: str, dtype: torch.dtype = torch.float32, **overrides: Any) -> VideoPolicy:
-    """Load a policy from a preset name (``tiny-wan``), a local diffusers folder, or a hub id."""
+    """Load a policy from a preset name (``tiny-wan``), a local diffusers folder, or a hub id, with its weights
+    in ``dtype`` (diffusers' ``torch_dtype``; the trainer passes the recipe's mixed-precision dtype and then
+    keeps the trainable parameters in fp32)."""
     from .presets import PRESETS, build_preset
 
     if model in PRESETS:
-        policy = build_preset(model, **overrides)
+        policy = build_preset(model, dtype=dtype, **overrides)
     else:
         path = Path(model).expanduser()
         if path.is_dir():
             if not (path / "model_index.json").exists():
                 raise TrlVideoError(f"model folder '{path}' has no model_index.json (not a diffusers pipeline folder)")
-            policy = _load_pipeline_folder(path, **overrides)
+            policy = _load_pipeline_folder(path, dtype=dtype, **overrides)
         elif model.count("/") == 1 and not model.startswith((".", "/")):
             policy = _load_hub(model, dtype, **overrides)
         else:
             raise TrlVideoError(f"model '{model}' is neither a preset ({', '.join(PRESETS)}), a folder, nor a hub id")
-    return policy.to(dtype=dtype) if dtype != torch.float32 else policy
+    return policy
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype, **overrides: Any) -> VideoPolicy:
@@ -292,3 +331,86 @@ def _load_hub(repo_id: str, dtype: torch.dtype, **overrides: Any) -> VideoPolicy
     if family is None:
         raise TrlVideoError(f"model '{repo_id}' is a {type(pipe).__name__}; supported: {', '.join(FAMILIES)}")
     return _from_pipeline(pipe, family, {}, repo_id, **overrides)
+
+
+# ------------------------------------------------------------------------------------------------ pre-encoded text
+EMBEDDINGS_META = "trl_video_embeddings.json"
+
+
+def encode_prompt_dataset(policy: VideoPolicy, prompts: list[str], out: str | Path, batch_size: int = 32,
+                          dtype: str = "float16") -> int:
+    """Run the text encoder once over ``prompts`` (deduplicated, plus the empty prompt used by CFG) and save an
+    HF dataset (save_to_disk) with columns ``prompt``, ``embeds`` (``[n_tokens, D]``, only the unpadded tokens:
+    a Wan prompt of 40 tokens stores 40 x 4096 values instead of 512 x 4096) and ``n_tokens``. Returns the
+    number of rows."""
+    from datasets import Array2D, Dataset, Features, Value
+
+    unique = list(dict.fromkeys(["", *prompts]))
+    emb_dim = int(policy._encode_text([""])[0].shape[-1])
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for i in range(0, len(unique), batch_size):
+            chunk = unique[i:i + batch_size]
+            emb, mask = policy._encode_text(chunk)
+            for p, e, m in zip(chunk, emb.float().cpu(), mask.cpu()):
+                n = int(m.sum())
+                yield {"prompt": p, "embeds": e[:n].numpy().astype(dtype), "n_tokens": n}
+
+    features = Features({"prompt": Value("string"), "embeds": Array2D(shape=(None, emb_dim), dtype=dtype),
+                         "n_tokens": Value("int32")})
+    import hashlib
+    import tempfile
+
+    # an explicit fingerprint: datasets would otherwise hash the generator's closure, i.e. the whole model
+    key = hashlib.sha256(json.dumps([policy.source, policy.max_text_len, dtype, unique]).encode()).hexdigest()
+    with tempfile.TemporaryDirectory(prefix="trl-video-encode-") as cache:
+        ds = Dataset.from_generator(rows, features=features, fingerprint=key, cache_dir=cache)
+        out = Path(out)
+        ds.save_to_disk(str(out))
+    meta = {"model": policy.source, "family": policy.family, "max_text_len": policy.max_text_len, "dim": emb_dim,
+            "dtype": dtype, "num_prompts": len(unique)}
+    (out / EMBEDDINGS_META).write_text(json.dumps(meta, indent=2))
+    return len(unique)
+
+
+class PromptEmbeddingStore:
+    """Pre-encoded prompt embeddings read from a memory-mapped HF dataset: only the rows asked for are read
+    (the dataset itself stays on disk); padding is restored to the policy's text length."""
+
+    def __init__(self, path: str | Path, policy: VideoPolicy):
+        from datasets import load_from_disk
+
+        path = Path(path)
+        meta_file = path / EMBEDDINGS_META
+        if not meta_file.exists():
+            raise TrlVideoError(f"prompt_embeds: '{path}' is not a pre-encoded embedding dataset (no {EMBEDDINGS_META}; "
+                                f"build one with `trl-video encode-prompts`)")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("family") != policy.family or int(meta.get("max_text_len", -1)) != policy.max_text_len:
+            raise TrlVideoError(f"prompt_embeds: '{path}' was encoded for {meta.get('model')} ({meta.get('family')}, "
+                                f"text length {meta.get('max_text_len')}); the model is {policy.source} "
+                                f"({policy.family}, text length {policy.max_text_len})")
+        self.meta, self.max_len = meta, policy.max_text_len
+        self.dataset = load_from_disk(str(path)).with_format("torch")
+        self.index = {p: i for i, p in enumerate(self.dataset["prompt"])}
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def lookup(self, prompts: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{prompt: (embeds [L, D], mask [L])}`` for the prompts present in the store."""
+        rows = [self.index[p] for p in prompts if p in self.index]
+        if not rows:
+            return {}
+        out = {}
+        for row in self.dataset.select(rows):
+            e = row["embeds"].float()
+            n = int(row["n_tokens"])
+            emb = torch.zeros(self.max_len, e.shape[-1])
+            emb[:n] = e
+            mask = torch.zeros(self.max_len, dtype=torch.long)
+            mask[:n] = 1
+            out[row["prompt"]] = (emb, mask)
+        self.reads += len(rows)
+        return out

@@ -80,18 +80,21 @@ def build_random(family: str, seed: int = 0, num_frames: int | None = None, heig
 def build_preset(name: str, **overrides: Any):
     from .policy import _load_hub, _load_pipeline_folder
 
+    dtype = overrides.pop("dtype", torch.float32)
     if name in HUB_ALIASES:
-        return _load_hub(HUB_ALIASES[name], overrides.pop("dtype", torch.float32), **overrides)
+        return _load_hub(HUB_ALIASES[name], dtype, **overrides)
     family = "wan" if "wan" in name else "cogvideox"
     if name.endswith("-random"):
-        return build_random(family, seed=int(overrides.get("seed", 0) or 0), num_frames=overrides.get("num_frames"),
-                            height=overrides.get("height"), width=overrides.get("width"))
+        policy = build_random(family, seed=int(overrides.get("seed", 0) or 0), num_frames=overrides.get("num_frames"),
+                              height=overrides.get("height"), width=overrides.get("width"))
+        return policy.to(dtype=dtype) if dtype != torch.float32 else policy
     folder = ASSETS / name
     if (folder / "model_index.json").exists():
-        policy = _load_pipeline_folder(folder, **overrides)
+        policy = _load_pipeline_folder(folder, dtype=dtype, **overrides)
         policy.source = name
         return policy
     warnings.warn(f"preset '{name}': no trained weights at {folder}; using random weights "
                   f"(run `trl-video pretrain --family {family}` to build them)", stacklevel=2)
-    return build_random(family, num_frames=overrides.get("num_frames"), height=overrides.get("height"),
-                        width=overrides.get("width"))
+    policy = build_random(family, num_frames=overrides.get("num_frames"), height=overrides.get("height"),
+                          width=overrides.get("width"))
+    return policy.to(dtype=dtype) if dtype != torch.float32 else policy

@@ -85,12 +85,21 @@ class VELRLoss:
                                  max_grad_norm=cfg.align_max_grad_norm)}
 
     # ------------------------------------------------------------------ phases
-    def align_steps(self) -> int:
+    def buffer_len_before(self, step: int) -> int:
+        """Buffer size at the start of ``step``: each buffer phase inserts ``per_step`` samples up to the
+        capacity (both admission rules keep ``min(capacity, old + new)``), so it is known from the step alone;
+        this keeps ``phases(step)`` a pure function the trainer can query ahead to size the LR schedules."""
+        every = self.cfg.true_reward_every
+        inserts = -(-step // every) if every and self.cfg.online_alignment else 0  # steps s < step with s % every == 0
+        return min(self.cfg.buffer_size, inserts * self.per_step)
+
+    def align_steps(self, step: int | None = None) -> int:
         cfg = self.cfg
         if cfg.align_steps_per_round:
             per_round = cfg.align_steps_per_round
         else:
-            n = min(cfg.buffer_size, len(self.buffer or []) + self.per_step)
+            held = len(self.buffer or []) if step is None else self.buffer_len_before(step)
+            n = min(cfg.buffer_size, held + self.per_step)
             per_round = max(1, math.ceil(n / cfg.align_batch_size))
         return cfg.align_rounds * per_round
 
@@ -100,7 +109,7 @@ class VELRLoss:
         if cfg.true_reward_every and step % cfg.true_reward_every == 0:
             out.append(Phase("buffer", groups=(), uses_graph=False))
         if cfg.online_alignment and (step + 1) % cfg.align_every == 0:
-            out.append(Phase("lrm", groups=("lrm",), repeats=self.align_steps(), needs_rollouts=False,
+            out.append(Phase("lrm", groups=("lrm",), repeats=self.align_steps(step), needs_rollouts=False,
                              uses_graph=False))
         return out
 
