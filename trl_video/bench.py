@@ -7,6 +7,8 @@ import copy
 import json
 import statistics
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -103,3 +105,192 @@ def bench_overhead(argv: list[str]) -> int:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ scaling
+SCALING_VARIANTS = {  # name: (ranks, threads per rank, share of the global batch one rank computes)
+    "1x1": (1, 1, 1.0),
+    "1x2": (1, 2, 1.0),
+    "2x1": (2, 1, 0.5),
+    "1x1-half": (1, 1, 0.5),  # one rank's share of the 2-rank run, alone: separates fixed costs from sync
+}
+
+
+def _scaling_config(a: argparse.Namespace, batch: int, out: str):
+    from .config import VideoRewardConfig
+
+    return VideoRewardConfig(model=a.model, method="refl", reward="alignment", prompts="world:train",
+                             sampler_args={"num_steps": a.num_steps, "grad_steps": a.grad_steps},
+                             method_args={"kl_weight": 0.0}, prompts_per_step=batch, group_size=1,
+                             max_steps=10**6, learning_rate=2e-3, lora_r=8, seed=0, output_dir=out,
+                             report_to="none", save_model_at_end=False, logging_steps=10**6)
+
+
+def scaling_worker(argv: list[str]) -> int:
+    """One variant of ``bench scaling`` (one process per rank): time each step and where it goes."""
+    a = json.loads(argv[0])
+    torch.set_num_threads(a["threads"])
+    import tempfile
+
+    from .trainer import VideoRewardTrainer
+
+    trainer = VideoRewardTrainer(_scaling_config(argparse.Namespace(**a), a["batch"], tempfile.mkdtemp()))
+    acc = trainer.accelerator
+    spent: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    # sample + reward + estimator (per rank: its own slice of the prompts), backward, grad sync, metric reduction
+    trainer._fresh_rollouts = timed("rollouts", trainer._fresh_rollouts)
+    trainer._backward = timed("backward", trainer._backward)
+    trainer._sync_gradients = timed("grad_sync", trainer._sync_gradients)
+    trainer._reduce_metrics = timed("metrics", trainer._reduce_metrics)
+    trainer.loss.compute = timed("loss", trainer.loss.compute)
+    ready = time.time() - a["launched"]
+    steps, parts = [], []
+    for i in range(a["warmup"] + a["steps"]):
+        acc.wait_for_everyone()
+        spent.clear()
+        t0 = time.perf_counter()
+        trainer.training_step()
+        trainer.global_step += 1
+        if i >= a["warmup"]:
+            steps.append(time.perf_counter() - t0)
+            parts.append(dict(spent))
+    res = {"rank": acc.process_index, "ranks": acc.num_processes, "startup_s": ready, "step_s": steps,
+           "parts": parts, "text_encoder_calls": trainer.policy.text_encoder_calls}
+    Path(a["out"]).with_suffix(f".rank{acc.process_index}.json").write_text(json.dumps(res))
+    acc.wait_for_everyone()
+    return 0
+
+
+def _run_variant(a: argparse.Namespace, name: str, out: Path) -> list[dict]:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    ranks, threads, share = SCALING_VARIANTS[name]
+    args = {"model": a.model, "num_steps": a.num_steps, "grad_steps": a.grad_steps, "threads": threads,
+            "batch": int(a.batch * share) if ranks == 1 else a.batch, "steps": a.steps, "warmup": a.warmup,
+            "out": str(out), "launched": time.time()}
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+    worker = ["-m", "trl_video.bench", "scaling-worker", json.dumps(args)]
+    if ranks == 1:
+        cmd = [sys.executable, *worker]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env["ACCELERATE_USE_CPU"] = "true"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(ranks),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), *worker]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"variant {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def bench_scaling(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="trl-video bench scaling",
+                                 description="Data-parallel scaling on CPU at a fixed global batch: 2 ranks x 1 thread "
+                                             "vs 1 rank x 1 thread (efficiency) and vs 1 rank x 2 threads; fresh "
+                                             "processes, variants interleaved round by round.")
+    ap.add_argument("--model", default="tiny-wan")
+    ap.add_argument("--batch", type=int, default=8, help="global batch (the quickstart's)")
+    ap.add_argument("--num-steps", type=int, default=8, help="sampling steps (the quickstart's)")
+    ap.add_argument("--grad-steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=6, help="timed training steps per run")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each variant (the spread is across them)")
+    ap.add_argument("--variants", default="1x1,1x2,2x1,1x1-half")
+    ap.add_argument("--json", help="also write the results here")
+    a = ap.parse_args(argv)
+    import os
+    import tempfile
+
+    names = [v for v in a.variants.split(",") if v]
+    unknown = [v for v in names if v not in SCALING_VARIANTS]
+    if unknown:
+        from .errors import TrlVideoError
+
+        raise TrlVideoError(f"bench scaling: unknown variants {unknown}; known: {', '.join(SCALING_VARIANTS)}")
+    tmp = Path(tempfile.mkdtemp(prefix="trl-video-scaling-"))
+    load = [os.getloadavg()[0]]
+    runs: dict[str, list[list[dict]]] = {n: [] for n in names}
+    for r in range(a.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate so drift hits every variant alike
+        for n in order:
+            runs[n].append(_run_variant(a, n, tmp / f"{n}-{r}"))
+            load.append(os.getloadavg()[0])
+            print(f"  round {r + 1}/{a.rounds} {n:<9} median step "
+                  f"{statistics.median(runs[n][-1][0]['step_s']) * 1000:7.1f} ms", flush=True)
+
+    def per_run(n: str) -> list[float]:  # median step time of each run (rank 0: steps are synchronous)
+        return [statistics.median(rk[0]["step_s"]) for rk in runs[n]]
+
+    def part(n: str, key: str, rank: int = 0) -> float:
+        return statistics.median(statistics.median(p.get(key, 0.0) for p in rk[rank]["parts"]) for rk in runs[n])
+
+    res: dict[str, Any] = {"model": a.model, "global_batch": a.batch, "sampling_steps": a.num_steps,
+                           "grad_steps": a.grad_steps, "timed_steps": a.steps, "rounds": a.rounds,
+                           "load_average": {"min": min(load), "max": max(load)}, "variants": {}}
+    for n in names:
+        ts = per_run(n)
+        res["variants"][n] = {"step_s": statistics.median(ts), "min": min(ts), "max": max(ts), "runs": ts,
+                              "samples_per_s": a.batch * SCALING_VARIANTS[n][2] / statistics.median(ts),
+                              "startup_s": statistics.median(rk[0]["startup_s"] for rk in runs[n]),
+                              "parts": {k: part(n, k) for k in ("rollouts", "loss", "backward", "grad_sync",
+                                                                 "metrics")}}
+    print(f"Data-parallel scaling ({a.model}, ReFL, global batch {a.batch}, {a.num_steps} sampling steps, "
+          f"{a.grad_steps} with grad); median of {a.steps} steps per run, {a.rounds} runs per variant, interleaved; "
+          f"load average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores")
+    for n, v in res["variants"].items():
+        print(f"  {n:<9} {v['step_s'] * 1000:8.1f} ms/step  (runs {v['min'] * 1000:.0f}-{v['max'] * 1000:.0f})  "
+              f"start-up {v['startup_s']:.1f} s")
+    V = res["variants"]
+    if "1x1" in V and "2x1" in V:
+        ts1, ts2 = per_run("1x1"), per_run("2x1")
+        eff = [t1 / (2 * t2) for t1, t2 in zip(ts1, ts2)]  # per round: both measured close in time
+        res["efficiency"] = {"median": statistics.median(eff), "min": min(eff), "max": max(eff), "target": 0.9}
+        print(f"  scaling efficiency  T(1x1) / (2 T(2x1)) = {statistics.median(eff):.3f} "
+              f"(rounds {min(eff):.3f}-{max(eff):.3f}; target >= 0.9)")
+    if "1x2" in V and "2x1" in V:
+        sp = [t12 / t21 for t12, t21 in zip(per_run("1x2"), per_run("2x1"))]
+        res["speedup_vs_1x2"] = {"median": statistics.median(sp), "min": min(sp), "max": max(sp)}
+        print(f"  2 ranks x 1 thread vs 1 rank x 2 threads: {statistics.median(sp):.3f}x "
+              f"(rounds {min(sp):.3f}-{max(sp):.3f})")
+    if {"1x1", "2x1", "1x1-half"} <= set(V):
+        ideal = V["1x1"]["step_s"] / 2
+        half, two = V["1x1-half"]["step_s"], V["2x1"]["step_s"]
+        # the rank that reaches the all-reduce first waits in it for the other; the last one's time is the
+        # communication itself
+        sync = [part("2x1", "grad_sync", r) for r in range(2)]
+        res["where"] = {"ideal_s": ideal, "fixed_cost_s": half - ideal, "distributed_s": two - half,
+                        "grad_sync_s": min(sync), "wait_in_sync_s": max(sync) - min(sync),
+                        "metrics_s": part("2x1", "metrics", 0)}
+        w = res["where"]
+        print(f"  where the 2-rank step goes beyond the ideal T(1x1)/2 = {ideal * 1000:.1f} ms:")
+        print(f"    half the batch on one rank alone costs {half * 1000:.1f} ms: {w['fixed_cost_s'] * 1000:+.1f} ms "
+              f"of per-step cost that does not shrink with the batch")
+        print(f"    2 ranks vs that: {w['distributed_s'] * 1000:+.1f} ms (grad all-reduce {w['grad_sync_s'] * 1000:.1f}"
+              f" ms, waiting for the other rank in it {w['wait_in_sync_s'] * 1000:.1f} ms, metric gather "
+              f"{w['metrics_s'] * 1000:.1f} ms; the rest: two processes sharing the cores' caches / memory bandwidth)")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) > 2 and sys.argv[1] == "scaling-worker":
+        sys.exit(scaling_worker(sys.argv[2:]))

@@ -46,6 +46,7 @@ def trl_video_register_methods(register):
 
 @hookimpl
 def trl_video_register_benchmarks(register):
-    from .bench import bench_overhead
+    from .bench import bench_overhead, bench_scaling
 
     register("overhead", bench_overhead)
+    register("scaling", bench_scaling)
