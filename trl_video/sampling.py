@@ -43,12 +43,14 @@ def predict(policy: Any, x: Tensor, t: Tensor, embeds: Tensor, *, net: Any = Non
 
 
 def denoise_step(policy: Any, x: Tensor, t: Tensor, s: Tensor, embeds: Tensor, *, net: Any = None, eta: float = 0.0,
-                 guidance_scale: float = 1.0, autocast: Callable[[], Any] | None = None
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 guidance_scale: float = 1.0, autocast: Callable[[], Any] | None = None, sde_type: str = "ddim",
+                 t_first: Tensor | float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One step ``t -> s``: ``(mean, std, x0_hat, eps_hat)``; the caller draws ``x_s = mean + std * noise``
-    (``std`` is 0 for ``eta = 0``)."""
+    (``std`` is 0 for ``eta = 0``). ``sde_type``: the DDIM-posterior step (``ddim``) or a GRPO paper's flow SDE
+    (``flow_grpo`` | ``dance_grpo``, ``eta`` its noise level, ``t_first`` the grid's second point), see
+    :meth:`NoiseSchedule.sde_step`."""
     _, x0, eps = predict(policy, x, t, embeds, net=net, guidance_scale=guidance_scale, autocast=autocast)
-    mean, std = policy.schedule.ddim_step(x0, eps, t, s, eta)
+    mean, std = policy.schedule.sde_step(x, x0, eps, t, s, sde_type, eta, t_first)
     return mean, std, x0, eps
 
 

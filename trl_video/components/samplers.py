@@ -5,7 +5,11 @@ is exact Euler for rectified flow and DDIM for VP models; ``eta > 0`` makes a st
 posterior variance and gives it a Gaussian log-prob (Flow-GRPO-style SDE sampling).
 
 * ``ode``: deterministic, no grad.
-* ``sde``: stochastic on chosen steps, records per-step log-probs.
+* ``sde``: stochastic on chosen steps, records per-step log-probs. ``sde_type`` picks the transition:
+  ``ddim`` (the posterior-variance step above), ``flow_grpo`` (Flow-GRPO's own SDE, ``eta`` = its noise level
+  a, 0.7 in the paper) or ``dance_grpo`` (DanceGRPO's, ``eta`` = its eta); ``window_size`` makes only a
+  window of steps stochastic, drawn per step (``window_mode: random``, Flow-GRPO-Fast) or sliding with the
+  training step (``sliding``, MixGRPO).
 * ``fewstep``: K-step generator sampling (predict x0, re-noise to the next of the K timesteps).
 * ``branch``: ODE prefix shared by a group, one SDE step at a branching step, ODE to the end.
 * ``window``: gradients kept only on a window of K steps starting at a (random) step; the rest runs
@@ -61,12 +65,19 @@ def predict(ctx: TrainContext, net: Any, x: Tensor, t: Tensor, emb: Tensor) -> t
     return sampling.predict(ctx.policy, x, t, emb, net=net, autocast=ctx.accelerator.autocast)
 
 
+def transition(ctx: TrainContext, net: Any, x_t: Tensor, t: Tensor, s: Tensor, emb: Tensor, eta: float,
+               kind: str = "ddim", t_first: Tensor | float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(native, mean, std)`` of the sampler transition x_t -> x_s under ``net`` (with grad if enabled)."""
+    native, x0, eps = predict(ctx, net, x_t, t, emb)
+    mean, std = ctx.policy.schedule.sde_step(x_t, x0, eps, t, s, kind, eta, t_first)
+    return native, mean, std
+
+
 def transition_log_prob(ctx: TrainContext, net: Any, x_t: Tensor, x_s: Tensor, t: Tensor, s: Tensor, emb: Tensor,
-                        eta: float) -> Tensor:
-    """log p(x_s | x_t) of the eta-SDE step under ``net`` (with grad if enabled). Used by samplers when
+                        eta: float, kind: str = "ddim", t_first: Tensor | float | None = None) -> Tensor:
+    """log p(x_s | x_t) of the SDE step under ``net`` (with grad if enabled). Used by samplers when
     recording and by losses when recomputing, so the two are the same computation."""
-    _, x0, eps = predict(ctx, net, x_t, t, emb)
-    mean, std = ctx.policy.schedule.ddim_step(x0, eps, t, s, eta)
+    _, mean, std = transition(ctx, net, x_t, t, s, emb, eta, kind, t_first)
     return gaussian_log_prob(x_s, mean, std)
 
 
@@ -104,27 +115,61 @@ class GridSampler(BaseSampler):
         raise NotImplementedError
 
 
+SDE_KINDS = ("ddim", "flow_grpo", "dance_grpo")
+
+
 class ODESampler(GridSampler):
     name = "ode"
 
     def __init__(self, num_steps: int = 20, behaviour: str = "current", record_trajectory: bool = True, eta: float = 0.0,
-                 sde_steps: list[int] | str | None = None):
+                 sde_steps: list[int] | str | None = None, sde_type: str = "ddim", window_size: int = 0,
+                 window_mode: str = "random", window_range: list[int] | None = None, window_shift_every: int = 1,
+                 window_stride: int = 1):
         super().__init__(num_steps, behaviour, record_trajectory)
-        self.eta = eta
+        from ..errors import TrlVideoError
+
+        if sde_type not in SDE_KINDS:
+            raise TrlVideoError(f"sampler_args.sde_type must be one of {'|'.join(SDE_KINDS)}, got '{sde_type}'")
+        if window_mode not in ("random", "sliding"):
+            raise TrlVideoError(f"sampler_args.window_mode must be random|sliding, got '{window_mode}'")
+        self.eta, self.sde_type = eta, sde_type
         self.sde_steps = sde_steps
+        # the last step (to t=0) has zero posterior variance under ddim; the flow SDEs keep g_t sqrt(t) > 0 there
+        self.last_stochastic = num_steps if sde_type != "ddim" else num_steps - 1
         if isinstance(sde_steps, list):
             _check_stochastic_steps(sde_steps, num_steps, "sde_steps")
+        lo, hi = window_range if window_range is not None else (0, self.last_stochastic - window_size)
+        if window_size and not (1 <= window_size <= self.last_stochastic and 0 <= lo <= hi
+                                and hi + window_size <= self.last_stochastic):
+            raise TrlVideoError(f"sampler_args: need 1 <= window_size and 0 <= window_range[0] <= window_range[1] "
+                                f"<= {self.last_stochastic} - window_size, got size {window_size}, range {[lo, hi]}")
+        self.window_size, self.window_mode, self.window_range = window_size, window_mode, (lo, hi)
+        self.window_shift_every, self.window_stride = max(1, window_shift_every), max(1, window_stride)
+
+    def window(self, ctx: TrainContext) -> list[int]:
+        """The SDE window of this training step: ``random`` draws its start uniformly in ``window_range``
+        (the same on every rank; Flow-GRPO-Fast); ``sliding`` moves it by ``window_stride`` every
+        ``window_shift_every`` steps and wraps around (MixGRPO)."""
+        lo, hi = self.window_range
+        if self.window_mode == "random":
+            g = torch.Generator().manual_seed(ctx.config.seed * 15485863 + ctx.step)
+            start = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        else:
+            start = lo + (ctx.step // self.window_shift_every) * self.window_stride % (hi - lo + 1)
+        return list(range(start, start + self.window_size))
 
     def stochastic(self, i: int) -> bool:
         if self.eta <= 0:
             return False
         if self.sde_steps is None or self.sde_steps == "all":
-            return i < self.num_steps - 1  # the last step to t=0 has zero posterior variance
+            return i < self.last_stochastic
         return i in set(self.sde_steps)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def sample(self, ctx: TrainContext, prompts: list[str], embeds: Tensor, group_ids: Tensor) -> Rollouts:
         grid = self.grid(ctx)
+        if self.window_size:
+            self.sde_steps = self.window(ctx)
         x = noise = self.initial_noise(ctx, len(prompts))
         traj = [x] if self.record_trajectory else []
         logps = torch.full((len(prompts), self.num_steps), float("nan"), device=ctx.device)
@@ -133,7 +178,8 @@ class ODESampler(GridSampler):
                 t, s = grid[i], grid[i + 1]
                 eta = self.eta if self.stochastic(i) else 0.0
                 mean, std, _, _ = sampling.denoise_step(ctx.policy, x, t, s, embeds, net=net, eta=eta,
-                                                        autocast=ctx.accelerator.autocast)
+                                                        autocast=ctx.accelerator.autocast, sde_type=self.sde_type,
+                                                        t_first=grid[1])
                 if eta > 0:
                     x_next = mean + std * ctx.randn(*mean.shape)
                     logps[:, i] = gaussian_log_prob(x_next, mean, std)
@@ -151,8 +197,11 @@ class SDESampler(ODESampler):
     name = "sde"
 
     def __init__(self, num_steps: int = 10, behaviour: str = "current", record_trajectory: bool = True, eta: float = 1.0,
-                 sde_steps: list[int] | str | None = "all"):
-        super().__init__(num_steps, behaviour, record_trajectory, eta, sde_steps)
+                 sde_steps: list[int] | str | None = "all", sde_type: str = "ddim", window_size: int = 0,
+                 window_mode: str = "random", window_range: list[int] | None = None, window_shift_every: int = 1,
+                 window_stride: int = 1):
+        super().__init__(num_steps, behaviour, record_trajectory, eta, sde_steps, sde_type, window_size, window_mode,
+                         window_range, window_shift_every, window_stride)
 
 
 class FewStepSampler(GridSampler):
@@ -192,8 +241,8 @@ class BranchSampler(ODESampler):
     name = "branch"
 
     def __init__(self, num_steps: int = 10, behaviour: str = "current", record_trajectory: bool = True, eta: float = 1.0,
-                 branch_steps: list[int] | None = None):
-        super().__init__(num_steps, behaviour, record_trajectory, eta, None)
+                 branch_steps: list[int] | None = None, sde_type: str = "ddim"):
+        super().__init__(num_steps, behaviour, record_trajectory, eta, None, sde_type)
         self.branch_steps = branch_steps or list(range(0, max(1, num_steps - 1)))
         _check_stochastic_steps(self.branch_steps, num_steps, "branch_steps")
 

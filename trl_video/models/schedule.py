@@ -135,6 +135,52 @@ class NoiseSchedule:
         mean = _bcast(a_s, like) * x0_hat + _bcast(dir_coef, like) * eps_hat
         return mean, _bcast(std, like)
 
+    def flow_sde_step(self, x_t: Tensor, x0_hat: Tensor, eps_hat: Tensor, t: Tensor, s: Tensor, kind: str,
+                      noise_level: float, t_first: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+        """One Euler-Maruyama step t -> s < t of the reverse flow SDE
+        ``dx = [v - g_t^2/2 * score] dt + g_t dw`` (rectified flow only), as the GRPO papers sample it.
+
+        ``v = eps_hat - x0_hat``, ``score = -eps_hat / t``, so ``mean = x_t + (s - t) (v + g_t^2 eps_hat / (2 t))``
+        and ``std = g_t sqrt(t - s)``. ``kind``:
+
+        * ``flow_grpo`` (Flow-GRPO, ``sde_step_with_logprob``): ``g_t = a sqrt(t / (1 - t))`` with
+          ``a = noise_level`` (0.7); at ``t = 1`` the denominator uses ``1 - t_first`` (``t_first`` = the
+          grid's second point, Flow-GRPO's ``sigmas[1]``) instead of 0.
+        * ``dance_grpo`` (DanceGRPO, ``flux_step`` with ``sde_solver``): ``g_t = eta = noise_level``.
+
+        Returns ``(mean, std)``; the caller adds ``std * noise``.
+        """
+        if self.prediction != "flow":
+            from ..errors import TrlVideoError
+
+            raise TrlVideoError(f"sampler kind '{kind}' is the rectified-flow SDE of its paper; this model's "
+                                f"schedule is '{self.prediction}' (use kind 'ddim')")
+        t = torch.as_tensor(t, dtype=torch.float32)
+        s = torch.as_tensor(s, dtype=torch.float32)
+        if kind == "flow_grpo":
+            t_den = torch.where(t >= 1, torch.as_tensor(t_first if t_first is not None else t, dtype=t.dtype), t)
+            g2 = noise_level**2 * t / (1 - t_den).clamp_min(1e-12)
+        elif kind == "dance_grpo":
+            g2 = torch.full_like(t, float(noise_level) ** 2)
+        else:
+            from ..errors import TrlVideoError
+
+            raise TrlVideoError(f"unknown SDE kind '{kind}' (ddim|flow_grpo|dance_grpo)")
+        like = x_t
+        dt = s - t
+        v = eps_hat - x0_hat
+        mean = x_t + _bcast(dt, like) * (v + _bcast(g2 / (2 * t.clamp_min(1e-12)), like) * eps_hat)
+        std = (g2 * (-dt).clamp_min(0)).sqrt()
+        return mean, _bcast(std, like)
+
+    def sde_step(self, x_t: Tensor, x0_hat: Tensor, eps_hat: Tensor, t: Tensor, s: Tensor, kind: str = "ddim",
+                 eta: float = 0.0, t_first: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+        """The sampler transition of ``kind``: ``ddim`` (posterior-variance step, :meth:`ddim_step`) or a
+        GRPO-paper flow SDE (:meth:`flow_sde_step`, ``eta`` = its noise level). ``eta = 0`` is the ODE step."""
+        if kind == "ddim" or eta <= 0:
+            return self.ddim_step(x0_hat, eps_hat, t, s, eta)
+        return self.flow_sde_step(x_t, x0_hat, eps_hat, t, s, kind, eta, t_first)
+
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """Per-sample log N(x; mean, std^2 I), averaged over elements (Flow-GRPO's convention, which keeps

@@ -1,0 +1,139 @@
+"""The GRPO family and the RSM paper's redesigns as settings of the one RSM loss.
+
+Each preset is a ``MethodSpec``: its sampler / estimator / loss with their arguments, and a config class =
+``RSMConfig`` with the preset's defaults (a recipe's ``method_args`` still overrides any field). The README's
+defaults table is generated from ``PRESETS`` (``python -m vidrl_plugin_rsm.presets``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl_video.plugins import MethodSpec
+
+from .config import RSMConfig
+
+
+@dataclass
+class Preset:
+    name: str
+    paper: str
+    citation: str
+    description: str
+    sampler: tuple[str, dict[str, Any]]
+    method_args: dict[str, Any] = field(default_factory=dict)
+    estimator: tuple[str, dict[str, Any]] = ("group", {"std": "group"})
+
+
+def _cite(key: str, title: str, authors: str, where: str, year: int) -> str:
+    return f"@article{{{key}, title={{{title}}}, author={{{authors}}}, journal={{{where}}}, year={{{year}}}}}"
+
+
+RSM_CITE = _cite("rsm2026", "Reward Score Matching: Unifying Reward-based Fine-tuning for Flow and Diffusion Models",
+                 "Lee, Jaehyeon and others", "arXiv preprint", 2026)
+FLOW_GRPO = "Flow-GRPO: Training Flow Matching Models via Online RL (Liu et al., 2025, arXiv:2505.05470)"
+FLOW_GRPO_CITE = _cite("liu2025flowgrpo", "Flow-GRPO: Training Flow Matching Models via Online RL",
+                       "Liu, Jie and others", "arXiv:2505.05470", 2025)
+DANCE = "DanceGRPO: Unleashing GRPO on Visual Generation (Xue et al., 2025, arXiv:2505.07818)"
+DANCE_CITE = _cite("xue2025dancegrpo", "DanceGRPO: Unleashing GRPO on Visual Generation", "Xue, Zeyue and others",
+                   "arXiv:2505.07818", 2025)
+TEMPFLOW = "TempFlow-GRPO: When Timing Matters for GRPO in Flow Models (He et al., 2025, arXiv:2508.04324)"
+TEMPFLOW_CITE = _cite("he2025tempflow", "TempFlow-GRPO: When Timing Matters for GRPO in Flow Models",
+                      "He, Xiaoxuan and others", "arXiv:2508.04324", 2025)
+MIX = "MixGRPO: Unlocking Flow-based GRPO Efficiency with Mixed ODE-SDE (Li et al., 2025, arXiv:2507.21802)"
+MIX_CITE = _cite("li2025mixgrpo", "MixGRPO: Unlocking Flow-based GRPO Efficiency with Mixed ODE-SDE",
+                 "Li, Junzhe and others", "arXiv:2507.21802", 2025)
+BRANCH = "BranchGRPO: Stable and Efficient GRPO with Structured Branching in Diffusion Models (Li et al., 2025, arXiv:2509.06040)"
+BRANCH_CITE = _cite("li2025branchgrpo", "BranchGRPO: Stable and Efficient GRPO with Structured Branching in Diffusion "
+                    "Models", "Li, Yuming and others", "arXiv:2509.06040", 2025)
+RSM = "Reward Score Matching: Unifying Reward-based Fine-tuning for Flow and Diffusion Models (RSM, 2026)"
+
+_FLOW_SDE = {"num_steps": 10, "sde_type": "flow_grpo", "eta": 0.7}
+_GRPO = {"beta": 0.004, "clip_range": 1e-3, "adv_clip_max": 5.0, "timestep_fraction": 0.99, "kl_form": "flow_grpo"}
+
+PRESETS: list[Preset] = [
+    Preset("rsm", RSM, RSM_CITE,
+           "Reward Score Matching: w_t ||s_theta - sg(s_ref + lambda_t g_hat)||^2 + trust region; every estimator, "
+           "weighting and trust region is a method_arg (defaults: zeroth order on Flow-GRPO's SDE, PPO clip, KL).",
+           ("sde", dict(_FLOW_SDE)), dict(_GRPO, kl_form="transition")),
+    Preset("flow-grpo", FLOW_GRPO, FLOW_GRPO_CITE,
+           "Flow-GRPO: Flow-GRPO SDE (a=0.7) on every step, group-normalised advantage, PPO clipped ratio + KL on "
+           "the transition means (zeroth-order full-rollout RSM).",
+           ("sde", dict(_FLOW_SDE)), dict(_GRPO)),
+    Preset("flow-grpo-fast", FLOW_GRPO + "; Flow-GRPO-Fast in its repository README", FLOW_GRPO_CITE,
+           "Flow-GRPO-Fast: SDE on a random window of 2 early steps, ODE elsewhere; trains only the window.",
+           ("sde", dict(_FLOW_SDE, window_size=2, window_mode="random", window_range=[0, 3])),
+           dict(_GRPO, timestep_fraction=1.0)),
+    Preset("dance-grpo", DANCE, DANCE_CITE,
+           "DanceGRPO: DanceGRPO's flow SDE (eta=0.3), 16 steps, 60% of the steps (random) per batch, PPO clip, "
+           "no KL.", ("sde", {"num_steps": 16, "sde_type": "dance_grpo", "eta": 0.3}),
+           {"beta": 0.0, "clip_range": 1e-4, "adv_clip_max": 5.0, "timestep_fraction": 0.6,
+            "timestep_sampling": "random"}),
+    Preset("mix-grpo", MIX, MIX_CITE,
+           "MixGRPO: SDE inside a window of 4 steps that slides by 1 every 25 training steps (ODE outside); trains the "
+           "window only; DanceGRPO's SDE.", ("sde", {"num_steps": 16, "sde_type": "dance_grpo", "eta": 0.7,
+                                                    "window_size": 4, "window_mode": "sliding",
+                                                    "window_shift_every": 25, "window_stride": 1}),
+           {"beta": 0.0, "clip_range": 1e-4, "adv_clip_max": 5.0}),
+    Preset("tempflow-grpo", TEMPFLOW, TEMPFLOW_CITE,
+           "TempFlow-GRPO: trajectory branching (group shares noise + ODE prefix, one Flow-GRPO SDE step at a random "
+           "branching step, ODE to the end), noise-aware weighting of the policy term, PPO clip.",
+           ("branch", {"num_steps": 10, "sde_type": "flow_grpo", "eta": 0.7}),
+           dict(_GRPO, temporal_weight="noise", timestep_fraction=1.0)),
+    Preset("branch-grpo", BRANCH, BRANCH_CITE,
+           "BranchGRPO (as RSM reads it, App. C.2.3 Eq. 114): multi-particle zeroth-order lookahead: children branched "
+           "at several steps of each trajectory, sibling-centred, full rollout (the recursive tree is not built: "
+           "each branch continues by ODE).", ("ode", {"num_steps": 10, "sde_type": "flow_grpo"}),
+           dict(_GRPO, branching=[0, 2, 0, 2, 0, 2, 0, 0, 0, 0], lookahead_depth=0, timestep_fraction=1.0),
+           ("none", {})),
+    Preset("rsm-zo", RSM, RSM_CITE,
+           "RSM redesign, zeroth order (Sec. 5.2): fair clipping, branching reallocated to the early (low-SNR, "
+           "semantic) steps with a short lookahead (Tweedie reward 2 steps ahead), other steps not trained.",
+           ("ode", {"num_steps": 10, "sde_type": "flow_grpo"}),
+           dict(_GRPO, branching=[4, 4, 4, 0, 0, 0, 0, 0, 0, 0], lookahead_depth=2, clip_mode="fair",
+                timestep_fraction=1.0), ("none", {})),
+    Preset("rsm-rsd", RSM, RSM_CITE,
+           "RSM redesign, first order (Sec. 5.2): reward score distillation: grad r(x0) of the terminal sample at "
+           "every step, lambda_t = alpha_t (the inherited alpha_t^2 low-SNR down-weighting reversed).",
+           ("ode", {"num_steps": 10}),
+           {"guidance": "first_order_terminal", "lambda_schedule": "alpha", "guidance_scale": 1.0,
+            "trust_region": "none", "first_order_norm": "batch_rms"}, ("none", {})),
+]
+
+
+def preset_config(preset: Preset) -> type:
+    """A subclass of RSMConfig whose field defaults are the preset's (help texts kept)."""
+    fields = []
+    for f in dataclasses.fields(RSMConfig):
+        if f.name in preset.method_args:
+            value = preset.method_args[f.name]
+            default = (dataclasses.field(default_factory=lambda v=value: list(v), metadata=f.metadata)
+                       if isinstance(value, list) else dataclasses.field(default=value, metadata=f.metadata))
+            fields.append((f.name, f.type, default))
+    cls_name = "".join(p.capitalize() for p in preset.name.replace("-", " ").split()) + "Config"
+    return dataclasses.make_dataclass(cls_name, fields, bases=(RSMConfig,),
+                                      namespace={"__doc__": f"RSMConfig with the {preset.name} defaults."})
+
+
+def method_spec(preset: Preset) -> MethodSpec:
+    est_name, est_args = preset.estimator
+    sampler_name, sampler_args = preset.sampler
+    return MethodSpec(name=preset.name, config_cls=preset_config(preset),
+                      defaults={"sampler": sampler_name, "estimator": est_name, "replay": "fresh", "loss": "rsm"},
+                      default_args={"sampler": dict(sampler_args), "estimator": dict(est_args)},
+                      description=preset.description, paper=preset.paper, citation=preset.citation)
+
+
+def defaults_table() -> str:
+    """Markdown: one row per preset with its components and every method_arg it changes."""
+    rows = ["| preset | paper | sampler (args) | estimator | method_args changed from RSMConfig |", "|---|---|---|---|---|"]
+    for p in PRESETS:
+        args = ", ".join(f"`{k}={v}`" for k, v in p.method_args.items())
+        rows.append(f"| `{p.name}` | {p.paper} | `{p.sampler[0]}` {p.sampler[1]} | `{p.estimator[0]}` | {args} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(defaults_table())
