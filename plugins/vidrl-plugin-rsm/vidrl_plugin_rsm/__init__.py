@@ -28,3 +28,11 @@ def trl_video_register_methods(register):
 @hookimpl
 def trl_video_register_losses(register):
     register("rsm", RSMLoss)
+
+
+@hookimpl
+def trl_video_register_benchmarks(register):
+    from .bench import bench_estimators, bench_grpo
+
+    register("rsm-estimators", bench_estimators)
+    register("rsm-grpo", bench_grpo)
