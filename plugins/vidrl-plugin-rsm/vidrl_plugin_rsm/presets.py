@@ -32,7 +32,7 @@ def _cite(key: str, title: str, authors: str, where: str, year: int) -> str:
 
 
 RSM_CITE = _cite("rsm2026", "Reward Score Matching: Unifying Reward-based Fine-tuning for Flow and Diffusion Models",
-                 "Lee, Jaehyeon and others", "arXiv preprint", 2026)
+                 "Anonymous (authors' code: github.com/jaylee2000/rsm)", "preprint", 2026)
 FLOW_GRPO = "Flow-GRPO: Training Flow Matching Models via Online RL (Liu et al., 2025, arXiv:2505.05470)"
 FLOW_GRPO_CITE = _cite("liu2025flowgrpo", "Flow-GRPO: Training Flow Matching Models via Online RL",
                        "Liu, Jie and others", "arXiv:2505.05470", 2025)
@@ -45,9 +45,9 @@ TEMPFLOW_CITE = _cite("he2025tempflow", "TempFlow-GRPO: When Timing Matters for 
 MIX = "MixGRPO: Unlocking Flow-based GRPO Efficiency with Mixed ODE-SDE (Li et al., 2025, arXiv:2507.21802)"
 MIX_CITE = _cite("li2025mixgrpo", "MixGRPO: Unlocking Flow-based GRPO Efficiency with Mixed ODE-SDE",
                  "Li, Junzhe and others", "arXiv:2507.21802", 2025)
-BRANCH = "BranchGRPO: Stable and Efficient GRPO with Structured Branching in Diffusion Models (Li et al., 2025, arXiv:2509.06040)"
+BRANCH = "BranchGRPO: Stable and Efficient GRPO with Structured Branching in Diffusion Models (Li et al., 2025, arXiv)"
 BRANCH_CITE = _cite("li2025branchgrpo", "BranchGRPO: Stable and Efficient GRPO with Structured Branching in Diffusion "
-                    "Models", "Li, Yuming and others", "arXiv:2509.06040", 2025)
+                    "Models", "Li, Yuming and others", "arXiv preprint", 2025)
 RSM = "Reward Score Matching: Unifying Reward-based Fine-tuning for Flow and Diffusion Models (RSM, 2026)"
 
 _FLOW_SDE = {"num_steps": 10, "sde_type": "flow_grpo", "eta": 0.7}
