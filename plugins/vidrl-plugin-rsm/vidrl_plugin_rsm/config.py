@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trl_video.config import MethodConfig
 from trl_video.config import doc_field as _f
 from trl_video.errors import TrlVideoError
 
@@ -16,7 +17,7 @@ GUIDANCE = ("zeroth_order", "first_order_current", "first_order_lookahead", "fir
 
 
 @dataclass
-class RSMConfig:
+class RSMConfig(MethodConfig):
     """Configuration of the RSM loss (``method: rsm`` or a preset; keys go under ``method_args``)."""
 
     # ---- the value-guidance estimator g_hat
@@ -77,7 +78,8 @@ class RSMConfig:
     updates_per_batch: int = _f(1, "Optimiser updates per sampled batch (PPO inner steps; the ratio is exactly 1 "
                                     "on the first).")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        super().validate()
         choices = {"guidance": GUIDANCE, "centring": ("sibling", "none"), "scale_norm": ("std", "mean_abs", "none"),
                    "first_order_norm": ("none", "batch_rms"), "timestep_sampling": ("first", "random"),
                    "temporal_weight": ("none", "noise"), "kl_form": ("transition", "flow_grpo"), "lambda_schedule": ("alpha2", "alpha", "constant"),
