@@ -6,7 +6,7 @@ import difflib
 import importlib
 import importlib.metadata as md
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,9 @@ class MethodSpec:
     paper: str = ""
     citation: str = ""
     default_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: ``prepare_policy(policy, method_config)``: adapts the loaded model before LoRA / the reference copy are
+    #: set up (e.g. Reward-Forcing swaps a bidirectional transformer for its block-causal version); idempotent.
+    prepare_policy: Callable[[Any, Any], None] | None = None
 
 
 def _dist_of(plugin_name: str, plugin: object, dists: dict[str, tuple[str, str]]) -> tuple[str, str]:

@@ -141,6 +141,8 @@ class VideoRewardTrainer:
 
             policy = load_policy(config.model, dtype=self.frozen_dtype, num_frames=config.num_frames,
                                  height=config.height, width=config.width)
+        if self.plan.method.prepare_policy is not None:  # the method adapts the model (before LoRA / reference)
+            self.plan.method.prepare_policy(policy, self.plan.method_config)
         self.policy = policy.to(self.accelerator.device)  # a policy passed in is used in the dtype it has
         self.policy.configure_text_cache(config.text_cache_size, config.prompt_embeds)
         torch.manual_seed(config.seed)

@@ -31,61 +31,44 @@ One training step = two phases, in Alg. 1's order (generator, then fake):
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from trl_video.components.base import Phase, Trainable, TrainContext
 from trl_video.components.samplers import predict
 from trl_video.errors import TrlVideoError
+from trl_video.methods.dmd import (
+    EPS,
+    build_fake_score,
+    dmd_direction,
+    fake_denoising_loss,
+    per_sample_mean_abs,
+    real_x0,
+    rescale_to,
+    surrogate,
+)
 from trl_video.rollouts import Rollouts
 
 from .config import DMAlignConfig
 
-EPS = 1e-8
+# the DMD pieces (direction, surrogate, rescaling, fake model, real score) live in trl_video.methods.dmd
+__all__ = ["EPS", "DMAlignLoss", "align_direction", "dmd_direction", "group_coefficients", "rescale_to",
+           "surrogate", "top_n_mean"]
 
 
 # ----------------------------------------------------------------------------------------------- pure maths
-def _per_sample_mean_abs(x: Tensor) -> Tensor:
-    return x.abs().flatten(1).mean(1).view(-1, *([1] * (x.ndim - 1)))
-
-
-def dmd_direction(x: Tensor, x0_real: Tensor, x0_fake: Tensor, normalize: bool = True) -> Tensor:
-    """DMD2's latent gradient ``g`` (descent moves ``x`` along ``-g``, towards the real denoiser):
-    ``(x0_fake - x0_real) / mean|x - x0_real|`` per sample."""
-    g = (x0_fake - x0_real).float()
-    if normalize:
-        g = g / _per_sample_mean_abs(x.float() - x0_real.float()).clamp_min(EPS)
-    return torch.nan_to_num(g)
-
-
 def align_direction(x: Tensor, x0_pos: Tensor, x0_gen: Tensor, coef: Tensor | float = 1.0,
                     normalize: bool = True) -> Tensor:
     """Align latent gradient ``g = -c (x0_pos - x0_gen) / mean|x - x0_pos|``: descent moves ``x`` by ``+c`` times
     the fake model's denoised difference, i.e. towards the preferred sample for ``c > 0``."""
     d = (x0_pos - x0_gen).float()
     if normalize:
-        d = d / _per_sample_mean_abs(x.float() - x0_pos.float()).clamp_min(EPS)
+        d = d / per_sample_mean_abs(x.float() - x0_pos.float()).clamp_min(EPS)
     c = torch.as_tensor(coef, dtype=d.dtype, device=d.device)
     if c.ndim == 1:
         c = c.view(-1, *([1] * (d.ndim - 1)))
     return torch.nan_to_num(-c * d)
-
-
-def rescale_to(g: Tensor, ref: Tensor) -> tuple[Tensor, float]:
-    """Scale ``g`` so that its (batch) Frobenius norm equals ``ref``'s; returns (scaled, factor)."""
-    n_g, n_r = g.norm(), ref.norm()
-    if n_g <= EPS or n_r <= EPS:
-        return g, 1.0
-    f = (n_r / n_g).detach()
-    return g * f, float(f)
-
-
-def surrogate(x: Tensor, g: Tensor) -> Tensor:
-    """DMD2's surrogate ``0.5 * mean((x - sg(x - g))^2)``: d/dx = g / x.numel()."""
-    return 0.5 * F.mse_loss(x.float(), (x.detach().float() - g.detach().float()))
 
 
 def top_n_mean(latents: Tensor, rewards: Tensor, group_ids: Tensor, n: int) -> Tensor:
@@ -177,13 +160,7 @@ class DMAlignLoss:
         return predict(ctx, ctx.policy.transformer, x_t, t, batch.prompt_embeds)[1]
 
     def real_x0(self, ctx: TrainContext, x_t: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-        w = self.cfg.real_guidance_scale
-        with torch.no_grad(), ctx.policy.reference() as ref:
-            if w == 1.0:
-                return predict(ctx, ref, x_t, t, emb)[1]
-            with ctx.accelerator.autocast():  # CFG on the native output = on x0 (affine in it at a fixed x_t)
-                native = ctx.policy.predict_guided(x_t, t, emb, w, transformer=ref).float()
-            return ctx.policy.schedule.to_x0(native, x_t, t)
+        return real_x0(ctx, x_t, t, emb, self.cfg.real_guidance_scale)
 
     def fake_x0(self, ctx: TrainContext, x_t: Tensor, t: Tensor, emb: Tensor) -> Tensor:
         with torch.no_grad():
@@ -210,15 +187,9 @@ class DMAlignLoss:
                 with torch.no_grad():
                     ctx.state[key] = self.generator_x0(ctx, batch, k).detach()
             x = ctx.state[key]
-        sch = ctx.policy.schedule
         t = self._noise_level(ctx, x.shape[0])
-        eps = ctx.randn(*x.shape)
-        x_t = sch.add_noise(x, eps, t)
-        native, x0_hat, _ = predict(ctx, self.fake, x_t, t, batch.prompt_embeds)
-        if self.cfg.fake_loss == "native":
-            loss = F.mse_loss(native, sch.target(x, eps, t).float())
-        else:
-            loss = F.mse_loss(x0_hat, x.float())
+        loss = fake_denoising_loss(ctx, self.fake, x, batch.prompt_embeds, t,
+                                   "native" if self.cfg.fake_loss == "native" else "x0")
         return loss, {"denoise": float(loss.detach()), "k": float(k)}
 
     def generator_loss(self, ctx: TrainContext, batch: Rollouts) -> tuple[Tensor, dict[str, float]]:
@@ -314,22 +285,6 @@ class DMAlignLoss:
 
 
 def build_fake(ctx: TrainContext, cfg: DMAlignConfig) -> torch.nn.Module:
-    """The fake score model: a deep copy of the teacher (the base transformer without the generator's LoRA),
-    fully trainable, or frozen with its own LoRA when ``fake_lora_rank > 0``."""
-    with torch.no_grad(), ctx.policy.reference() as ref:
-        fake = copy.deepcopy(ref)
-    if getattr(fake, "peft_config", None):
-        fake.unload_lora()  # drop the generator's adapter layers: the copy is the bare teacher
-    fake.train()
-    if cfg.fake_lora_rank > 0:
-        from peft import LoraConfig
-
-        fake.requires_grad_(False)
-        targets = list(ctx.config.lora_target_modules)
-        fake.add_adapter(LoraConfig(r=cfg.fake_lora_rank, lora_alpha=cfg.fake_lora_rank, target_modules=targets,
-                                    init_lora_weights=True))
-    else:
-        fake.requires_grad_(True)
-    if ctx.config.gradient_checkpointing and hasattr(fake, "enable_gradient_checkpointing"):
-        fake.enable_gradient_checkpointing()
-    return fake
+    """The fake score model (:func:`trl_video.methods.dmd.build_fake_score`), with its own LoRA when
+    ``fake_lora_rank > 0``."""
+    return build_fake_score(ctx, cfg.fake_lora_rank)

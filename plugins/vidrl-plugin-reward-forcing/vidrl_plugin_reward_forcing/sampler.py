@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from trl_video.components.base import TrainContext
-from trl_video.components.samplers import Sampler, behaviour_policy
+from trl_video.components.samplers import GridSampler, behaviour_policy
 from trl_video.rollouts import Rollouts
 
 from .errors import RewardForcingError
@@ -14,7 +14,7 @@ from .model import is_causal
 from .rollout import GRAD_MODES, self_rollout, student_timesteps
 
 
-class SelfRolloutSampler(Sampler):
+class SelfRolloutSampler(GridSampler):
     """K-step chunk-wise self-rollout with a KV cache.
 
     Args:
