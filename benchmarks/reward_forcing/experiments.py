@@ -1,0 +1,345 @@
+"""Reward-Forcing on the CPU world (tiny-wan): the experiments behind the plugin README's figures.
+
+    python benchmarks/reward_forcing/experiments.py ode      # stage 1: regression loss, accuracy vs teacher, chunk jumps
+    python benchmarks/reward_forcing/experiments.py reward   # stage 2: last vs random frames, >= 3 seeds
+    python benchmarks/reward_forcing/experiments.py stream   # streaming vs bidirectional, 3x the training length
+
+Results go to ``benchmarks/reward_forcing/results/*.json`` (and sample grids as PNG). Every number printed in the
+README comes from these files. Run with ``OMP_NUM_THREADS=1 nice -n 10`` on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+RESULTS = HERE / "results"
+ODE_DATA = REPO / "out/tiny/reward_forcing_ode_data"
+HELDOUT_ODE = REPO / "out/tiny/reward_forcing_ode_heldout"
+STAGE1 = REPO / "out/tiny/reward_forcing_ode"
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _recipe(name: str, **over: Any) -> dict[str, Any]:
+    rec = yaml.safe_load((REPO / "recipes/tiny" / name).read_text())
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(rec.get(k), dict):
+            rec[k] = {**rec[k], **v}
+        else:
+            rec[k] = v
+    return rec
+
+
+def _train(recipe: dict[str, Any], policy: Any = None):
+    from trl_video.config import config_from_dict
+    from trl_video.trainer import VideoRewardTrainer
+
+    cfg = config_from_dict(recipe, where="experiment recipe")
+    trainer = VideoRewardTrainer(cfg, policy=policy, recipe=recipe)
+    t0 = time.perf_counter()
+    trainer.train()
+    return trainer, time.perf_counter() - t0
+
+
+def _ema_weights(trainer: Any) -> None:
+    ema = trainer.ctx.ema.get("policy")
+    if ema is not None:
+        ema.copy_to(trainer.policy.trainable_parameters())
+
+
+def _heldout_items(seeds: int):
+    from trl_video.pretrain import _eval_items
+
+    return _eval_items("heldout", seeds)
+
+
+@torch.no_grad()
+def student_videos(policy: Any, prompts: list[str], seeds: list[int], num_steps: int = 4, batch: int = 16) -> Tensor:
+    """Self-rollout samples (noise and re-noising seeded per item), decoded: ``[N, 3, F, H, W]``."""
+    from vidrl_plugin_reward_forcing.rollout import self_rollout, student_timesteps
+
+    model = policy.transformer.eval()
+    ts = student_timesteps(policy.schedule, num_steps)
+    out = []
+    for i in range(0, len(prompts), batch):
+        ps, ss = prompts[i:i + batch], seeds[i:i + batch]
+        noise = torch.stack([torch.randn(*policy.latent_shape, generator=torch.Generator().manual_seed(s)) for s in ss])
+        g = torch.Generator().manual_seed(ss[0] + 17)
+        emb, _ = policy.encode_prompts(ps)
+        lat = self_rollout(model, policy.schedule, emb, noise, ts, randn=lambda s: torch.randn(*s, generator=g)).latents
+        out.append(policy.decode(lat))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def teacher_videos(policy: Any, prompts: list[str], seeds: list[int], num_steps: int = 20) -> Tensor:
+    from trl_video.pretrain import sample_videos
+
+    return sample_videos(policy, prompts, seeds, steps=num_steps)
+
+
+def pixel_to_latent_frame(j: int, temporal: int) -> int:
+    """Wan's causal VAE: pixel frame 0 <- latent 0, pixel frames 1 + temporal*(i-1) .. temporal*i <- latent i."""
+    return 0 if j == 0 else (j - 1) // temporal + 1
+
+
+def chunk_jump(videos: Tensor, chunk_size: int, temporal: int) -> dict[str, float]:
+    """Mean |frame difference| between consecutive pixel frames that straddle a chunk boundary vs inside a chunk."""
+    d = (videos[:, :, 1:] - videos[:, :, :-1]).abs().mean(dim=(0, 1, 3, 4))  # per frame pair
+    chunk = [pixel_to_latent_frame(j, temporal) // chunk_size for j in range(videos.shape[2])]
+    at = [float(d[j]) for j in range(len(d)) if chunk[j] != chunk[j + 1]]
+    inside = [float(d[j]) for j in range(len(d)) if chunk[j] == chunk[j + 1]]
+    res = {"boundary": statistics.fmean(at) if at else float("nan"),
+           "inside": statistics.fmean(inside) if inside else float("nan")}
+    res["ratio"] = res["boundary"] / res["inside"] if inside and res["inside"] > 0 else float("nan")
+    return {k: round(v, 5) for k, v in res.items()}
+
+
+def motion(videos: Tensor) -> Tensor:
+    """Per-video mean absolute frame difference (the motion reward)."""
+    return (videos[:, :, 1:] - videos[:, :, :-1]).abs().flatten(1).mean(1)
+
+
+def _mean_se(xs: list[float]) -> dict[str, float]:
+    m = statistics.fmean(xs)
+    se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+    return {"mean": round(m, 5), "se": round(se, 5), "n": len(xs), "values": [round(x, 5) for x in xs]}
+
+
+def _save(name: str, res: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+    print(f"results: {path}")
+    return path
+
+
+@torch.no_grad()
+def heldout_regression(model: Any, policy: Any, path: Path, n: int = 64) -> float:
+    """Stage-1 loss on held-out trajectories, with fixed per-chunk levels (every level for every chunk)."""
+    from vidrl_plugin_reward_forcing.loss import ode_regression
+    from vidrl_plugin_reward_forcing.ode import ODETrajectories
+
+    data = ODETrajectories(path, policy.latent_shape)
+    rows = data.ds[list(range(min(n, len(data))))]
+    emb, _ = policy.encode_prompts(list(rows["prompt"]))
+    n_chunks = policy.latent_shape[1] // model.config.chunk_size
+    losses = []
+    for k in range(len(data.timesteps)):  # all chunks at level k, then a staggered pattern
+        for pattern in (torch.full((n_chunks,), k), (torch.arange(n_chunks) + k) % len(data.timesteps)):
+            idx = pattern.long().expand(len(rows["prompt"]), n_chunks)
+            losses.append(float(ode_regression(model, policy.schedule, rows["states"].float(), rows["x0"].float(),
+                                               data.timesteps, emb, idx)))
+    return statistics.fmean(losses)
+
+
+# ----------------------------------------------------------------------------------------------- stage 1
+def run_ode(a: argparse.Namespace) -> int:
+    from trl_video.models.policy import load_policy
+    from trl_video.pretrain import score_videos
+    from trl_video.world import Caption
+    from vidrl_plugin_reward_forcing import RewardForcingConfig, make_causal
+    from vidrl_plugin_reward_forcing.ode import build_ode_dataset
+
+    if not ODE_DATA.exists():
+        raise SystemExit(f"build the training trajectories first: trl-video bench reward-forcing build-ode "
+                         f"--teacher tiny-wan --out {ODE_DATA.relative_to(REPO)} --num 512")
+    teacher = load_policy("tiny-wan")
+    if not HELDOUT_ODE.exists():
+        from trl_video.data import load_prompts
+
+        pool = load_prompts("world:heldout")
+        build_ode_dataset(teacher, [pool[i % len(pool)] for i in range(64)], [777_000 + i for i in range(64)],
+                          HELDOUT_ODE, teacher_name="tiny-wan")
+    items = _heldout_items(a.eval_seeds)
+    caps = [c for c, _ in items]
+    prompts, seeds = [c.text for c in caps], [s for _, s in items]
+
+    init = load_policy("tiny-wan")
+    make_causal(init, RewardForcingConfig(chunk_size=a.chunk_size))
+    reg_init = heldout_regression(init.transformer, init, HELDOUT_ODE)
+    vids_init = student_videos(init, prompts, seeds)
+    recipe = _recipe("reward_forcing_ode.yaml", max_steps=a.steps, output_dir=str(STAGE1), report_to="none",
+                     method_args={"chunk_size": a.chunk_size, "ode_steps": a.steps, "ode_dataset": str(ODE_DATA)})
+    trainer, secs = _train(recipe)
+    reg_trained = heldout_regression(trainer.policy.transformer, trainer.policy, HELDOUT_ODE)
+    _ema_weights(trainer)
+    reg_ema = heldout_regression(trainer.policy.transformer, trainer.policy, HELDOUT_ODE)
+    trainer.save_model(STAGE1 / "model_ema")  # the EMA weights: stage 2 starts here
+    vids_student = student_videos(trainer.policy, prompts, seeds)
+    vids_teacher = teacher_videos(teacher, prompts, seeds, 20)
+    vids_teacher4 = teacher_videos(teacher, prompts, seeds, 4)
+    temporal = teacher.vae.config.scale_factor_temporal
+    rows = [json.loads(x) for x in (STAGE1 / "metrics.jsonl").read_text().splitlines()]
+    sc = {name: score_videos(v, caps) for name, v in (("student_ode_init", vids_student), ("teacher_20step", vids_teacher),
+                                                     ("teacher_4step", vids_teacher4), ("causal_before_init", vids_init))}
+    from trl_video.world import render_batch
+
+    truth = render_batch(prompts, seeds)
+    res = {
+        "command": "python benchmarks/reward_forcing/experiments.py ode " + " ".join(sys.argv[2:]),
+        "train_trajectories": 512, "steps": a.steps, "chunk_size": a.chunk_size, "train_seconds": round(secs, 1),
+        "heldout_regression_loss": {"causal_init_from_teacher": round(reg_init, 5), "after_ode_init": round(reg_trained, 5),
+                                    "after_ode_init_ema": round(reg_ema, 5)},
+        "train_regression_curve": [(r["step"], r.get("ode/regression")) for r in rows],
+        "heldout_eval": {"n": len(caps), **{k: {m: v[m] for m in ("color_acc", "motion_acc", "background_acc")}
+                                           for k, v in sc.items()}},
+        "fraction_of_teacher_20step": {
+            m: round(sc["student_ode_init"][m] / sc["teacher_20step"][m], 3) if sc["teacher_20step"][m] else None
+            for m in ("color_acc", "motion_acc")},
+        "chunk_boundary_jump": {"student_ode_init": chunk_jump(vids_student, a.chunk_size, temporal),
+                                "causal_before_init": chunk_jump(vids_init, a.chunk_size, temporal),
+                                "teacher_20step": chunk_jump(vids_teacher, a.chunk_size, temporal),
+                                "world_truth": chunk_jump(truth, a.chunk_size, temporal)},
+        "motion_mean_abs_frame_diff": {"student_ode_init": round(float(motion(vids_student).mean()), 5),
+                                       "teacher_20step": round(float(motion(vids_teacher).mean()), 5),
+                                       "world_truth": round(float(motion(truth).mean()), 5)},
+    }
+    _save("ode_init", res)
+    from trl_video.pretrain import save_sample_grid
+
+    save_sample_grid(RESULTS / "ode_init_student.png", vids_student, caps, "causal student after ODE init (4 steps/chunk)")
+    save_sample_grid(RESULTS / "ode_init_teacher.png", vids_teacher, caps, "bidirectional teacher (20 steps)")
+    _ = Caption
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- stage 2
+@torch.no_grad()
+def _reward_eval(policy: Any, prompts: list[str], seeds: list[int]) -> dict[str, float]:
+    from trl_video.components.rewards import AlignmentReward
+
+    vids = student_videos(policy, prompts, seeds)
+    r = AlignmentReward()
+    return {"last_frame_reward": float(r(vids[:, :, -1:], prompts).mean()),
+            "video_alignment": float(r(vids, prompts).mean()),
+            "motion": float(motion(vids).mean())}
+
+
+def run_reward(a: argparse.Namespace) -> int:
+    from trl_video.models.policy import load_policy
+
+    start = STAGE1 / "model_ema"
+    if not (start / "model_index.json").exists():
+        raise SystemExit("run the stage-1 experiment first: python benchmarks/reward_forcing/experiments.py ode")
+    items = _heldout_items(a.eval_seeds)
+    prompts, seeds = [c.text for c, _ in items], [s for _, s in items]
+    base = _reward_eval(load_policy(str(start)), prompts, seeds)
+    runs: dict[str, list[dict[str, float]]] = {}
+    for mode in a.modes:
+        for seed in range(a.seeds):
+            over: dict[str, Any] = {"method_args": {"frames": mode}}
+            if mode == "random" or a.dmd_weight > 0:
+                over["sampler_args"] = {"grad": "all"}
+            if a.dmd_weight > 0:
+                over["method_args"]["dmd_weight"] = a.dmd_weight
+            recipe = _recipe("reward_forcing_reward.yaml", model=str(start), seed=seed, max_steps=a.steps,
+                             learning_rate=a.lr, report_to="none", save_model_at_end=False,
+                             output_dir=str(REPO / f"out/tiny/reward_forcing_{mode}_s{seed}"), **over)
+            out = Path(recipe["output_dir"])
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            trainer, secs = _train(recipe)
+            _ema_weights(trainer)
+            ev = _reward_eval(trainer.policy, prompts, seeds)
+            ev["train_seconds"] = round(secs, 1)
+            print(mode, seed, ev, flush=True)
+            runs.setdefault(mode, []).append(ev)
+    summary = {mode: {k: _mean_se([r[k] for r in rs]) for k in ("last_frame_reward", "video_alignment", "motion")}
+               for mode, rs in runs.items()}
+    gains = {mode: {k: _mean_se([r[k] - base[k] for r in rs]) for k in ("last_frame_reward", "video_alignment",
+                                                                         "motion")} for mode, rs in runs.items()}
+    res = {"command": "python benchmarks/reward_forcing/experiments.py reward " + " ".join(sys.argv[2:]),
+           "start": str(start.relative_to(REPO)), "steps": a.steps, "lr": a.lr, "dmd_weight": a.dmd_weight,
+           "heldout_pairs": len(prompts), "before": {k: round(v, 5) for k, v in base.items()},
+           "after": summary, "gain_vs_before": gains, "runs": runs}
+    _save(a.name, res)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- streaming
+def run_stream(a: argparse.Namespace) -> int:
+    from trl_video.evaluation import sample_videos
+    from trl_video.models.policy import load_policy
+    from vidrl_plugin_reward_forcing.streaming import stream
+
+    model = STAGE1 / "model_ema"
+    student = load_policy(str(model)) if (model / "model_index.json").exists() else None
+    if student is None:
+        raise SystemExit("run the stage-1 experiment first: python benchmarks/reward_forcing/experiments.py ode")
+    train_frames = student.latent_shape[1]
+    frames = 3 * train_frames
+    pixel_frames = (frames - 1) * student.vae.config.scale_factor_temporal + 1
+    teacher = load_policy("tiny-wan", num_frames=pixel_frames)
+    cs = student.transformer.config.chunk_size
+    prompt = "a red circle moving right on a dark background"
+    rows: dict[str, list[dict[str, float]]] = {"stream": [], "bidirectional_20": [], "bidirectional_4": []}
+    for rep in range(a.reps):  # interleaved: one of each per repetition
+        st = stream(student, prompt, frames, seed=rep, num_steps=4)
+        rows["stream"].append({"ttfc": st.time_to_first_chunk, "total": st.chunk_seconds[-1]})
+        for steps in (20, 4):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                lat = sample_videos(teacher, [prompt], [rep], steps)
+                teacher.decode(lat)
+            total = time.perf_counter() - t0
+            rows[f"bidirectional_{steps}"].append({"ttfc": total, "total": total})
+    n_chunks = frames // cs
+
+    def summ(rs: list[dict[str, float]]) -> dict[str, Any]:
+        ttfc = [r["ttfc"] for r in rs]
+        thr = [n_chunks / r["total"] for r in rs]
+        return {"time_to_first_chunk_s": {"median": round(statistics.median(ttfc), 4), "min": round(min(ttfc), 4),
+                                          "max": round(max(ttfc), 4)},
+                "chunks_per_s": {"median": round(statistics.median(thr), 3), "min": round(min(thr), 3),
+                                 "max": round(max(thr), 3)}}
+
+    res = {"command": "python benchmarks/reward_forcing/experiments.py stream " + " ".join(sys.argv[2:]),
+           "latent_frames": frames, "training_latent_frames": train_frames, "pixel_frames": pixel_frames,
+           "chunk_size": cs, "chunks": n_chunks, "reps_interleaved": a.reps,
+           "note": "bidirectional = the teacher generating the whole 3x clip at once (its first frame exists only "
+                   "when the clip is done); chunks/s counts the same chunk size for both",
+           **{k: summ(v) for k, v in rows.items()}}
+    _save("stream", res)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("ode")
+    o.add_argument("--steps", type=int, default=400)
+    o.add_argument("--chunk-size", type=int, default=1)
+    o.add_argument("--eval-seeds", type=int, default=2)
+    r = sub.add_parser("reward")
+    r.add_argument("--modes", nargs="+", default=["last", "random"])
+    r.add_argument("--seeds", type=int, default=3)
+    r.add_argument("--steps", type=int, default=60)
+    r.add_argument("--lr", type=float, default=3e-5)
+    r.add_argument("--dmd-weight", type=float, default=0.0)
+    r.add_argument("--eval-seeds", type=int, default=2)
+    r.add_argument("--name", default="reward_last_vs_random")
+    s = sub.add_parser("stream")
+    s.add_argument("--reps", type=int, default=5)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    return {"ode": run_ode, "reward": run_reward, "stream": run_stream}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
