@@ -135,7 +135,7 @@ def test_trainer_runs_both_stages_and_saves_a_causal_model(tmp_path, ode_dir):
         "model": "tiny-wan", "method": "reward-forcing", "reward": "alignment", "prompts": "world:train",
         "method_args": {"chunk_size": 1, "ode_steps": 2, "ode_dataset": str(ode_dir)},
         "sampler_args": {"num_steps": 2, "grad": "last"}, "prompts_per_step": 2, "group_size": 1,
-        "use_lora": False, "learning_rate": 1e-4, "adam_beta1": 0.0, "weight_decay": 0.01, "ema_decay": 0.99,
+        "use_peft": False, "learning_rate": 1e-4, "adam_beta1": 0.0, "weight_decay": 0.01, "ema_decay": 0.99,
         "max_steps": 3, "logging_steps": 1, "report_to": "none", "output_dir": str(tmp_path / "run")})
     trainer = VideoRewardTrainer(cfg)
     trainer.train()
