@@ -78,7 +78,7 @@ def student_videos(policy: Any, prompts: list[str], seeds: list[int], num_steps:
         noise = torch.stack([torch.randn(*policy.latent_shape, generator=torch.Generator().manual_seed(s)) for s in ss])
         g = torch.Generator().manual_seed(ss[0] + 17)
         emb, _ = policy.encode_prompts(ps)
-        lat = self_rollout(model, policy.schedule, emb, noise, ts, randn=lambda s: torch.randn(*s, generator=g)).latents
+        lat = self_rollout(model, policy.schedule, emb, noise, ts, randn=lambda s: torch.randn(*s, generator=g)).latents  # noqa: B023 (called at once)
         out.append(policy.decode(lat))
     return torch.cat(out)
 
@@ -148,11 +148,12 @@ def heldout_regression(model: Any, policy: Any, path: Path, n: int = 64) -> floa
 
 # ----------------------------------------------------------------------------------------------- stage 1
 def run_ode(a: argparse.Namespace) -> int:
+    from vidrl_plugin_reward_forcing import RewardForcingConfig, make_causal
+    from vidrl_plugin_reward_forcing.ode import build_ode_dataset
+
     from trl_video.models.policy import load_policy
     from trl_video.pretrain import score_videos
     from trl_video.world import Caption
-    from vidrl_plugin_reward_forcing import RewardForcingConfig, make_causal
-    from vidrl_plugin_reward_forcing.ode import build_ode_dataset
 
     if not ODE_DATA.exists():
         raise SystemExit(f"build the training trajectories first: trl-video bench reward-forcing build-ode "
@@ -247,7 +248,7 @@ def run_reward(a: argparse.Namespace) -> int:
             if a.dmd_weight > 0:
                 over["method_args"]["dmd_weight"] = a.dmd_weight
             recipe = _recipe("reward_forcing_reward.yaml", model=str(start), seed=seed, max_steps=a.steps,
-                             learning_rate=a.lr, report_to="none", save_model_at_end=False,
+                             learning_rate=a.lr, prompts_per_step=a.batch, report_to="none", save_model_at_end=False,
                              output_dir=str(REPO / f"out/tiny/reward_forcing_{mode}_s{seed}"), **over)
             out = Path(recipe["output_dir"])
             if out.exists():
@@ -265,7 +266,8 @@ def run_reward(a: argparse.Namespace) -> int:
     gains = {mode: {k: _mean_se([r[k] - base[k] for r in rs]) for k in ("last_frame_reward", "video_alignment",
                                                                          "motion")} for mode, rs in runs.items()}
     res = {"command": "python benchmarks/reward_forcing/experiments.py reward " + " ".join(sys.argv[2:]),
-           "start": str(start.relative_to(REPO)), "steps": a.steps, "lr": a.lr, "dmd_weight": a.dmd_weight,
+           "start": str(start.relative_to(REPO)), "steps": a.steps, "lr": a.lr, "batch": a.batch,
+           "dmd_weight": a.dmd_weight,
            "heldout_pairs": len(prompts), "before": {k: round(v, 5) for k, v in base.items()},
            "after": summary, "gain_vs_before": gains, "runs": runs}
     _save(a.name, res)
@@ -274,9 +276,10 @@ def run_reward(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- streaming
 def run_stream(a: argparse.Namespace) -> int:
+    from vidrl_plugin_reward_forcing.streaming import stream
+
     from trl_video.evaluation import sample_videos
     from trl_video.models.policy import load_policy
-    from vidrl_plugin_reward_forcing.streaming import stream
 
     model = STAGE1 / "model_ema"
     student = load_policy(str(model)) if (model / "model_index.json").exists() else None
@@ -331,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seeds", type=int, default=3)
     r.add_argument("--steps", type=int, default=60)
     r.add_argument("--lr", type=float, default=3e-5)
+    r.add_argument("--batch", type=int, default=8, help="prompts per step")
     r.add_argument("--dmd-weight", type=float, default=0.0)
     r.add_argument("--eval-seeds", type=int, default=2)
     r.add_argument("--name", default="reward_last_vs_random")

@@ -59,12 +59,12 @@ def surrogate(x: Tensor, g: Tensor) -> Tensor:
     return 0.5 * F.mse_loss(x.float(), (x.detach().float() - g.detach().float()))
 
 
-def build_fake_score(ctx: TrainContext, lora_rank: int = 0, prepare: Callable[[nn.Module], Any] | None = None
-                     ) -> nn.Module:
-    """The fake score model: a deep copy of the teacher (the base transformer without the generator's LoRA),
-    fully trainable, or frozen with its own LoRA when ``lora_rank > 0``. ``prepare`` may adapt the copy (e.g.
-    switch a causal generator's copy to full attention)."""
-    with torch.no_grad(), ctx.policy.reference() as ref:
+def build_fake_score(ctx: TrainContext, lora_rank: int = 0, prepare: Callable[[nn.Module], Any] | None = None,
+                     teacher: nn.Module | None = None) -> nn.Module:
+    """The fake score model: a deep copy of the teacher (default: the policy's reference, i.e. the base transformer
+    without the generator's LoRA), fully trainable, or frozen with its own LoRA when ``lora_rank > 0``.
+    ``prepare`` may adapt the copy (e.g. switch a causal generator's copy to full attention)."""
+    with torch.no_grad(), (contextlib.nullcontext(teacher) if teacher is not None else ctx.policy.reference()) as ref:
         fake = copy.deepcopy(ref)
     if getattr(fake, "peft_config", None):
         fake.unload_lora()  # drop the generator's adapter layers: the copy is the bare teacher
@@ -85,11 +85,13 @@ def build_fake_score(ctx: TrainContext, lora_rank: int = 0, prepare: Callable[[n
 
 
 def real_x0(ctx: TrainContext, x_t: Tensor, t: Tensor, emb: Tensor, guidance_scale: float = 1.0,
-            mode: Callable[[Any], Any] | None = None) -> Tensor:
+            mode: Callable[[Any], Any] | None = None, teacher: nn.Module | None = None) -> Tensor:
     """The frozen teacher's x0 prediction at ``x_t`` (classifier-free guidance when ``guidance_scale != 1``; CFG
-    on the native output is CFG on x0, affine in it at a fixed ``x_t``). ``mode(net)``: an optional context
-    manager the teacher runs under (e.g. full attention for a causal copy)."""
-    with torch.no_grad(), ctx.policy.reference() as ref, (mode or _null)(ref):
+    on the native output is CFG on x0, affine in it at a fixed ``x_t``). ``teacher``: the real score network
+    (default: the policy's reference); ``mode(net)``: an optional context manager it runs under (e.g. full
+    attention for a causal copy)."""
+    src = contextlib.nullcontext(teacher) if teacher is not None else ctx.policy.reference()
+    with torch.no_grad(), src as ref, (mode or _null)(ref):
         if guidance_scale == 1.0:
             return predict(ctx, ref, x_t, t, emb)[1]
         with ctx.accelerator.autocast():

@@ -145,3 +145,19 @@ def test_trainer_runs_both_stages_and_saves_a_causal_model(tmp_path, ode_dir):
     assert rows[2]["grad_norm/policy"] > 0
     loaded = load_policy(str(tmp_path / "run" / "model"))
     assert type(loaded.transformer) is CausalWanTransformer3DModel
+
+
+def test_trainer_reward_plus_dmd_step(tmp_path):
+    from trl_video.config import config_from_dict
+    from trl_video.trainer import VideoRewardTrainer
+
+    cfg = config_from_dict({
+        "model": "tiny-wan", "method": "reward-forcing", "reward": "alignment", "prompts": "world:train",
+        "method_args": {"dmd_weight": 1.0, "fake_updates": 2, "teacher": "tiny-wan", "frames": "random"},
+        "sampler_args": {"num_steps": 2, "grad": "all"}, "prompts_per_step": 2, "group_size": 1,
+        "use_peft": False, "max_steps": 1, "logging_steps": 1, "report_to": "none", "save_model_at_end": False,
+        "output_dir": str(tmp_path / "run")})
+    trainer = VideoRewardTrainer(cfg)
+    trainer.train()
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["generator/dmd_scale"] > 0 and row["fake/denoise"] > 0 and row["grad_norm/fake"] > 0

@@ -42,6 +42,9 @@ class RewardForcingConfig(MethodConfig):
                                 "gradient's norm so both are on the same scale (App. B.2).", ge=0.0)
     fake_updates: int = _f(5, "Fake-score updates per generator step when dmd_weight > 0 (DMD2 / Self-Forcing: 5).", ge=1)
     fake_lr: float | None = _f(None, "Learning rate of the fake score model (default: the trainer's).")
+    teacher: str | None = _f(None, "Real score of the DMD term: a bidirectional model (preset, folder, hub id). Default: "
+                                   "the run's starting model (the teacher when stage 1 runs in the same recipe; "
+                                   "set it when stage 2 starts from an ODE-initialised folder).")
     real_guidance_scale: float = _f(1.0, "CFG scale of the real (teacher) score in the DMD term.")
     dmd_t_min: float = _f(0.02, "Lower end of the DMD noise level t (DMD2: 0.02).", ge=0.0, le=1.0)
     dmd_t_max: float = _f(0.98, "Upper end of the DMD noise level t (DMD2: 0.98).", ge=0.0, le=1.0)

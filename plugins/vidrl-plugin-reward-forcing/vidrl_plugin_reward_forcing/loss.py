@@ -11,7 +11,7 @@ Stage 2 (phase ``generator``; the ``self_rollout`` sampler's graph):
     frame per sample (``frames='random'``, the Sec. 5.2 ablation).
     Option ``dmd_weight > 0`` (Sec. 5.1 ablation): ``L = w_R L_R + w_D c L_DMD`` with the DMD2 surrogate
     ``L_DMD = 0.5 mean (x - sg(x - g_dmd))^2`` on the whole generated latent video ``x`` (real score = the frozen
-    teacher with full attention, fake score = its trainable copy, updated ``fake_updates`` times per step in
+    teacher with full attention: ``method_args.teacher`` or the run's starting model, fake score = its trainable copy, updated ``fake_updates`` times per step in
     phase ``fake``) and ``c = ||dL_R/dx|| / ||dL_DMD/dx||`` (detached): both terms push ``x`` with gradients of
     the same norm ("we normalize the losses so that they are on the same scale", App. B.2).
 """
@@ -80,6 +80,7 @@ class RewardForcingLoss:
         self.cfg = RewardForcingConfig()
         self.ode: ODETrajectories | None = None
         self.fake: nn.Module | None = None
+        self.real: nn.Module | None = None  # the DMD real score when method_args.teacher names one
 
     # ------------------------------------------------------------------ setup
     def setup(self, ctx: TrainContext) -> dict[str, Trainable]:
@@ -104,7 +105,11 @@ class RewardForcingLoss:
             raise RewardForcingError(f"reward-forcing: frames='random' and the DMD term need the graph of every chunk: "
                                      f"set sampler_args.grad: all (got '{grad}')")
         if cfg.dmd_weight > 0:
-            self.fake = build_fake_score(ctx, prepare=_full_attention)
+            if cfg.teacher:
+                from trl_video.models.policy import load_policy
+
+                self.real = load_policy(cfg.teacher).transformer.to(ctx.device).requires_grad_(False).eval()
+            self.fake = build_fake_score(ctx, prepare=_full_attention, teacher=self.real)
             return {"fake": Trainable(self.fake, lr=cfg.fake_lr)}
         return {}
 
@@ -163,7 +168,7 @@ class RewardForcingLoss:
         emb = batch.prompt_embeds
         t = cfg.dmd_t_min + (cfg.dmd_t_max - cfg.dmd_t_min) * ctx.rand(x.shape[0])
         x_t = sch.add_noise(x.detach(), ctx.randn(*x.shape), t)
-        x0_real = real_x0(ctx, x_t, t, emb, cfg.real_guidance_scale, mode=bidirectional)
+        x0_real = real_x0(ctx, x_t, t, emb, cfg.real_guidance_scale, mode=bidirectional, teacher=self.real)
         with torch.no_grad():
             x0_fake = predict(ctx, self.fake, x_t, t, emb)[1]
         g = dmd_direction(x.detach(), x0_real, x0_fake)
