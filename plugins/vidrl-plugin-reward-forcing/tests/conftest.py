@@ -15,5 +15,10 @@ def teacher_policy():
 
 
 @pytest.fixture(scope="session")
+def prompts():
+    return list(PROMPTS)
+
+
+@pytest.fixture(scope="session")
 def embeds(teacher_policy):
     return teacher_policy.encode_prompts(PROMPTS)[0]

@@ -8,7 +8,6 @@ import types
 
 import pytest
 import torch
-from conftest import PROMPTS
 from trl_video.world import NUM_FRAMES
 
 from vidrl_plugin_reward_forcing.loss import RewardForcingLoss, ode_regression, select_frames
@@ -17,18 +16,18 @@ from vidrl_plugin_reward_forcing.ode import ODETrajectories, build_ode_dataset
 
 
 @pytest.fixture(scope="module")
-def ode_dir(teacher_policy, tmp_path_factory):
+def ode_dir(teacher_policy, prompts, tmp_path_factory):
     out = tmp_path_factory.mktemp("ode") / "data"
-    build_ode_dataset(teacher_policy, PROMPTS * 2, [11, 12, 13, 14], out, num_steps=4, teacher_steps=8,
+    build_ode_dataset(teacher_policy, prompts * 2, [11, 12, 13, 14], out, num_steps=4, teacher_steps=8,
                       batch_size=4, teacher_name="tiny-wan")
     return out
 
 
 @torch.no_grad()
-def test_ode_dataset_holds_the_teacher_euler_states(teacher_policy, ode_dir):
+def test_ode_dataset_holds_the_teacher_euler_states(teacher_policy, ode_dir, prompts):
     sch = teacher_policy.schedule
     grid = sch.timesteps(8)
-    emb, _ = teacher_policy.encode_prompts(PROMPTS)
+    emb, _ = teacher_policy.encode_prompts(prompts)
     x = torch.stack([torch.randn(*teacher_policy.latent_shape, generator=torch.Generator().manual_seed(s))
                      for s in (11, 12)])
     states = []
