@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import vidrl_plugin_reward_forcing  # noqa: F401  (registers the causal model class before folders are loaded)
 import yaml
 from torch import Tensor
 

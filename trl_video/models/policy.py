@@ -283,6 +283,13 @@ def _load_pipeline_folder(path: Path, dtype: torch.dtype = torch.float32, **over
                             f"(supported: {', '.join(FAMILIES)})")
     from diffusers import DiffusionPipeline
 
+    libraries = {v[0] for v in index.values() if isinstance(v, list) and v and isinstance(v[0], str)}
+    if libraries - {"diffusers", "transformers"}:
+        # a component class from a trl-video plugin (e.g. Reward-Forcing's causal transformer): diffusers loads
+        # it only once its module is imported, which loading the installed plugins does
+        from ..plugins import get_registry
+
+        get_registry()
     # torch_dtype: diffusers keeps each model's `_keep_in_fp32_modules` (e.g. Wan's norms) in fp32
     pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, trust_remote_code=False)
     meta_path = path / "trl_video.json"
