@@ -185,6 +185,12 @@ class VideoRewardConfig(ConfigBase):
     grad_sync_bucket_mb: float = doc_field(25.0, "Gradients are averaged across ranks in place, small ones packed in "
                                                 "buckets of at most this many MiB (the only extra memory of the sync).",
                                            gt=0)
+    fsdp: bool = doc_field(False, "Shard the transformer (and block-structured auxiliary models such as a fake score) "
+                                  "per block + root with torch FSDP2 `fully_shard` over all processes; also on when "
+                                  "the accelerate config says distributed_type: FSDP. See recipes/accelerate/.")
+    fsdp_config: dict[str, Any] = doc_field({}, "FSDP2 options: reshard_after_forward (bool, default true), "
+                                                "shard_size (int: HSDP, shard within groups of this many ranks and "
+                                                "replicate across them; 0 = all ranks).")
     seed: int = doc_field(0, "Random seed (prompt order, noise, initialisation).")
 
     # ---- LoRA: trl.ModelConfig's fields, turned into a peft LoraConfig by trl.get_peft_config

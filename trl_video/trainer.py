@@ -200,6 +200,7 @@ class VideoRewardTrainer:
             cast_trainable(tr.module, self.trainable_dtype)
             self.groups[name] = tr
         self.ctx.modules = {n: g.module for n, g in self.groups.items()}
+        self.sharding = self._shard({n: g.module for n, g in aux.items()})
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, Any] = {}
         from transformers import get_scheduler
@@ -227,6 +228,10 @@ class VideoRewardTrainer:
         self._writer = None
 
     # ------------------------------------------------------------------ helpers
+    def group_module(self, name: str) -> nn.Module:
+        """The module that owns a trainable group's parameters."""
+        return self.policy.transformer if name == "policy" else self.groups[name].module
+
     def group_params(self, name: str) -> list[nn.Parameter]:
         if name == "policy":
             return self.policy.trainable_parameters()
@@ -235,6 +240,22 @@ class VideoRewardTrainer:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def _shard(self, aux: dict[str, nn.Module]) -> Any:
+        """FSDP2 (``fsdp: true`` or an accelerate FSDP config): shard the transformer, its frozen reference and
+        block-structured auxiliary models before any optimiser or EMA sees their parameters."""
+        from . import sharding
+
+        if not sharding.fsdp_requested(self.config):
+            return None
+        options = sharding.fsdp_options(self.config)
+        if self.config.eval_at_end:
+            raise TrlVideoError("fsdp: eval_at_end is not supported on a sharded run; evaluate the exported model "
+                                "with `trl-video eval --checkpoint <output_dir>` after training")
+        if self.accelerator.num_processes == 1:
+            return None  # one process holds everything: sharding would only add copies
+        return sharding.shard_for_training(self.policy, aux, self.accelerator.device.type,
+                                           self.accelerator.num_processes, options)
 
     def autocast(self) -> Any:
         """Autocast for forward passes in the recipe's mixed-precision dtype."""
@@ -496,27 +517,27 @@ class VideoRewardTrainer:
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         torch.save(self._rng_state(), tmp / f"rng-{rank}.pt")
+        # full (unsharded) states, gathered on every rank when FSDP shards the modules: one format for all runs
+        from . import sharding
+
+        groups = {name: sharding.full_state_dict(self.group_module(name), trainable_only=name == "policy")
+                  for name in self.groups}
+        optimizers = {n: {"optimizer": sharding.optimizer_state_dict(self.group_module(n), o),
+                          "scheduler": self.schedulers[n].state_dict()} for n, o in self.optimizers.items()}
+        emas = {n: sharding.ema_state_dict(e) for n, e in self.ctx.ema.items()}
         self.accelerator.wait_for_everyone()  # all ranks' RNG files are in tmp before it is renamed into place
         if self.is_main:
-            tensors = {}
-            for name in self.groups:
-                if name == "policy":
-                    named = [(n, p) for n, p in self.policy.transformer.named_parameters() if p.requires_grad]
-                else:
-                    named = list(self.groups[name].module.state_dict().items())
-                for n, p in named:
-                    tensors[f"{name}/{n}"] = p.detach().contiguous().cpu()
+            tensors = {f"{name}/{n}": t for name, part in groups.items() for n, t in part.items()}
             save_file(tensors, str(tmp / "trainable.safetensors"))
-            torch.save({n: {"optimizer": o.state_dict(), "scheduler": self.schedulers[n].state_dict()}
-                        for n, o in self.optimizers.items()}, tmp / "optimizers.pt")
-            torch.save({n: e.state_dict() for n, e in self.ctx.ema.items()}, tmp / "ema.pt")
+            torch.save(optimizers, tmp / "optimizers.pt")
+            torch.save(emas, tmp / "ema.pt")
             torch.save(self._component_states(), tmp / "components.pt")
             if self.policy.uses_lora:
                 from peft.utils import get_peft_model_state_dict
 
-                self.policy.pipeline().__class__.save_lora_weights(
-                    tmp, transformer_lora_layers=get_peft_model_state_dict(self.policy.transformer),
-                    safe_serialization=True)
+                lora = get_peft_model_state_dict(self.policy.transformer, state_dict=groups["policy"])
+                self.policy.pipeline().__class__.save_lora_weights(tmp, transformer_lora_layers=lora,
+                                                                   safe_serialization=True)
             (tmp / "trainer_state.json").write_text(json.dumps(
                 {"global_step": self.global_step, "config": self.config.to_dict(), "recipe": self.recipe}, indent=2,
                 default=str))
@@ -547,6 +568,8 @@ class VideoRewardTrainer:
         if not (path / "trainer_state.json").exists():
             raise TrlVideoError(f"'{path}' is not a trl-video checkpoint (no trainer_state.json)")
         state = json.loads((path / "trainer_state.json").read_text())
+        from . import sharding
+
         tensors = load_file(str(path / "trainable.safetensors"))
         for name in self.groups:
             prefix = f"{name}/"
@@ -557,17 +580,14 @@ class VideoRewardTrainer:
                 if missing:
                     raise TrlVideoError(f"checkpoint '{path}' lacks policy weights such as '{missing[0]}' "
                                         f"(was it trained with another LoRA/full setting?)")
-                with torch.no_grad():
-                    for n, v in part.items():
-                        params[n].copy_(v)
-            else:
-                self.groups[name].module.load_state_dict(part)
+            # sharded or not, every rank loads the full tensors; FSDP keeps its own shard of each
+            sharding.load_full_state_dict(self.group_module(name), part, strict=name != "policy")
         opt_states = torch.load(path / "optimizers.pt", weights_only=True)
         for n, s in opt_states.items():
-            self.optimizers[n].load_state_dict(s["optimizer"])
+            sharding.load_optimizer_state_dict(self.group_module(n), self.optimizers[n], s["optimizer"])
             self.schedulers[n].load_state_dict(s["scheduler"])
         for n, s in torch.load(path / "ema.pt", weights_only=True).items():
-            self.ctx.ema[n].load_state_dict(s)
+            sharding.load_ema_state_dict(self.ctx.ema[n], s)
         comps = torch.load(path / "components.pt", weights_only=True)
         for kind in ("replay", "estimator", "loss", "sampler"):
             if kind in comps and hasattr(getattr(self, kind), "load_state_dict"):
@@ -590,11 +610,16 @@ class VideoRewardTrainer:
     def save_model(self, path: str | Path | None = None) -> Path:
         """Write a diffusers pipeline folder (LoRA merged + the adapter file) with a model card, atomically."""
         path = Path(path) if path else self.output_dir / "model"
+        transformer = None
+        if self.sharding is not None:  # a plain copy of the gathered weights (and adapter) on rank 0
+            from .sharding import unsharded_copy
+
+            transformer = unsharded_copy(self.policy.transformer, self.is_main)
         if self.is_main:
             tmp = path.with_name(f".tmp-{path.name}")
             if tmp.exists():
                 shutil.rmtree(tmp)
-            self.policy.save_pretrained(tmp, extra_meta={"base_model": self.config.model, "method": self.config.method,
+            self.policy.save_pretrained(tmp, transformer=transformer, extra_meta={"base_model": self.config.model, "method": self.config.method,
                                                          "reward": self.config.reward, "steps": self.global_step})
             from .hub import write_model_card
 

@@ -254,19 +254,21 @@ class VideoPolicy(nn.Module):
         return cls(tokenizer=self.tokenizer, text_encoder=self.text_encoder, transformer=transformer or self.transformer,
                    vae=self.vae, scheduler=self.scheduler)
 
-    def save_pretrained(self, path: str | Path, merge_lora: bool = True, extra_meta: dict[str, Any] | None = None) -> None:
+    def save_pretrained(self, path: str | Path, merge_lora: bool = True, extra_meta: dict[str, Any] | None = None,
+                        transformer: nn.Module | None = None) -> None:
         """Write a diffusers pipeline folder (``WanPipeline``/``CogVideoXPipeline.from_pretrained`` loads it).
-        LoRA adapters are merged into the saved transformer and also written on their own."""
+        LoRA adapters are merged into the saved transformer and also written on their own. ``transformer``:
+        save this (unsharded) copy instead of ``self.transformer`` (an FSDP-sharded run exports a gathered copy)."""
         path = Path(path)
-        transformer = self.transformer
-        if self.uses_lora:
+        transformer = transformer if transformer is not None else self.transformer
+        if getattr(transformer, "peft_config", None):
             from peft.utils import get_peft_model_state_dict
 
-            lora_state = get_peft_model_state_dict(self.transformer)
+            lora_state = get_peft_model_state_dict(transformer)
             cls = self.pipeline().__class__
             cls.save_lora_weights(path, transformer_lora_layers=lora_state, safe_serialization=True)
             if merge_lora:
-                transformer = copy.deepcopy(self.transformer)
+                transformer = copy.deepcopy(transformer)
                 transformer.fuse_lora() if hasattr(transformer, "fuse_lora") else None
                 transformer.unload_lora() if hasattr(transformer, "unload_lora") else None
         self.pipeline(transformer).save_pretrained(path, safe_serialization=True)
