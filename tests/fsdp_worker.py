@@ -36,16 +36,16 @@ from safetensors.torch import save_file
 
 SCENARIOS = {
     "refl": dict(model="tiny-wan-random", method="refl", reward="alignment", method_args={"kl_weight": 0.1},
-                 sampler_args={"num_steps": 2, "grad_steps": 2}, use_lora=True, lora_rank=4, ema_decay=0.9,
-                 gradient_checkpointing=True, learning_rate=1e-2, max_steps=2, save_steps=1),
+                 sampler_args={"num_steps": 2, "grad_steps": 2}, use_peft=True, lora_r=4, ema_decay=0.9,
+                 gradient_checkpointing=True, learning_rate=1e-2, max_steps=2, save_steps=1, prompts_per_step=2, group_size=1),
     "dmd": dict(model="tiny-cogvideox-random", method="dmalign", reward="alignment",
                 method_args={"align": "none", "align_weight": 0.0, "fake_updates": 2, "fake_lr": 1e-3},
-                sampler_args={"num_steps": 2, "grad": False}, use_lora=False, learning_rate=1e-3, max_steps=2,
-                save_steps=0),
+                sampler_args={"num_steps": 2, "grad": False}, use_peft=False, learning_rate=1e-3, max_steps=2,
+                save_steps=0, prompts_per_step=2, group_size=1),
     "fcrm": dict(model="tiny-wan-random", method="fcrm", reward="alignment", sampler="ode",
                  sampler_args={"num_steps": 2, "behaviour": "ema"}, ema_decay=0.9, estimator="group",
-                 method_args={"estimator": "double", "b_phi_lr": 1e-2, "b_phi_hidden": 16}, use_lora=True,
-                 lora_rank=4, learning_rate=1e-2, max_steps=2, save_steps=0),
+                 method_args={"estimator": "double", "b_phi_lr": 1e-2, "b_phi_hidden": 16}, use_peft=True,
+                 lora_r=4, learning_rate=1e-2, max_steps=2, save_steps=0, prompts_per_step=1, group_size=2),
 }
 
 
@@ -68,8 +68,7 @@ def make_trainer(name: str, out: Path, fsdp: bool, resume: bool = False):
     from trl_video.config import VideoRewardConfig
     from trl_video.trainer import VideoRewardTrainer
 
-    cfg = VideoRewardConfig(**SCENARIOS[name], prompts="world:train", prompts_per_step=2, group_size=2,
-                            report_to="none", save_model_at_end=True, adam_epsilon=1e-6, output_dir=str(out), seed=3,
+    cfg = VideoRewardConfig(**SCENARIOS[name], prompts="world:train", report_to="none", save_model_at_end=True, adam_epsilon=1e-6, output_dir=str(out), seed=3,
                             fsdp=fsdp)
     trainer = VideoRewardTrainer(cfg, resume=resume)
     global_noise(trainer, 1234)

@@ -2,8 +2,9 @@
 
 Two launches run side by side (tests/fsdp_worker.py): ``torchrun --nproc_per_node 2`` (``ACCELERATE_USE_CPU=true``:
 accelerate owns the gloo process group; the trainer applies ``fully_shard``) with ReFL-LoRA (+ resume), DM-Align
-full fine-tuning (generator, reference copy and fake score sharded), FCRM sharded and FCRM unsharded; and one
-plain process with ReFL and DM-Align at the same global batch (4 samples).
+full fine-tuning (generator, reference copy and fake score sharded), FCRM sharded and FCRM unsharded (one group
+of 2 samples split over the ranks); and one plain process with ReFL and DM-Align at the same global batch
+(2 prompts: one sample per rank).
 
 Tolerances (float32; the sharded and unsharded runs sum the same per-sample gradients in a different order):
 * gradients the optimiser sees: |g_fsdp - g_1proc| <= 5e-4 * max|g_1proc| per step (measured <= 9e-5 for ReFL,
@@ -50,8 +51,8 @@ def runs(tmp_path_factory):
             env=dict(_env(), ACCELERATE_USE_CPU="true"), cwd=HERE.parent, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)
         single = subprocess.run([sys.executable, worker, str(out / "one"), "refl,dmd"], env=_env(), cwd=HERE.parent,
-                                capture_output=True, text=True, timeout=400)
-        stdout, stderr = sharded.communicate(timeout=400)
+                                capture_output=True, text=True, timeout=1200)
+        stdout, stderr = sharded.communicate(timeout=1200)
         proc = subprocess.CompletedProcess(sharded.args, sharded.returncode, stdout, stderr)
         if proc.returncode == 0 or not flaky_abort(proc) or attempt == 1:
             break

@@ -294,3 +294,121 @@ if __name__ == "__main__":
 
     if len(sys.argv) > 2 and sys.argv[1] == "scaling-worker":
         sys.exit(scaling_worker(sys.argv[2:]))
+MEMORY_PLAN_CASES = {
+    # name: recipe overrides on top of a ReFL step on the tiny model (alignment reward, 8 sampling steps)
+    "wan-lora": dict(model="tiny-wan", use_peft=True, sampler_args={"num_steps": 8, "grad_steps": 2}),
+    "wan-full-ema": dict(model="tiny-wan", use_peft=False, ema_decay=0.9,
+                         sampler_args={"num_steps": 8, "grad_steps": 1}),
+    "cogvideox-lora-ckpt": dict(model="tiny-cogvideox", use_peft=True, gradient_checkpointing=True,
+                                sampler_args={"num_steps": 8, "grad_steps": 2}),
+}
+
+
+class LiveTensorPeak:
+    """Peak bytes of live CPU tensor storages: those that exist on entry (``track``) plus every storage an op
+    creates inside (a ``TorchDispatchMode``; forward, backward and the optimiser step run through it), each
+    counted until Python frees it (a weak reference on the storage)."""
+
+    def __init__(self) -> None:
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.live: dict[int, tuple[int, Any]] = {}
+        self.current = self.peak = 0
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                from torch.utils._pytree import tree_flatten
+
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        outer.track(t)
+                return out
+
+        self.mode = _Mode()
+        self._weakref = weakref
+
+    def track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key, n = st.data_ptr(), st.nbytes()
+        if n == 0 or key in self.live:
+            return
+
+        def free(_ref: Any, key: int = key) -> None:
+            entry = self.live.pop(key, None)
+            if entry is not None:
+                self.current -= entry[0]
+
+        self.live[key] = (n, self._weakref.ref(st, free))
+        self.current += n
+        self.peak = max(self.peak, self.current)
+
+    def __enter__(self) -> LiveTensorPeak:
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.mode.__exit__(*exc)
+
+
+def measured_step_peak(trainer) -> dict[str, int]:
+    """Peak bytes of live CPU tensors during one training step: model weights, optimiser and EMA states present
+    on entry, plus everything the step allocates."""
+    meter = LiveTensorPeak()
+    base = [*trainer.policy.parameters(), *trainer.policy.buffers()]
+    for name, g in trainer.groups.items():
+        if name != "policy":
+            base += [*g.module.parameters(), *g.module.buffers()]
+    for opt in trainer.optimizers.values():
+        base += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    for ema in trainer.ctx.ema.values():
+        base += list(ema.shadow_params)
+    for t in base:
+        meter.track(t)
+    start = meter.current
+    with meter:
+        trainer.training_step()
+    return {"Total": meter.peak, "on entry": start, "step": meter.peak - start}
+
+
+def bench_memory_plan(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="trl-video bench memory-plan",
+                                 description="Planned peak (trl-video plan) vs the measured CPU peak of a real "
+                                             "training step on the tiny models.")
+    ap.add_argument("--cases", default=",".join(MEMORY_PLAN_CASES), help="comma-separated: "
+                                                                         + ", ".join(MEMORY_PLAN_CASES))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--json", help="also write the results here")
+    a = ap.parse_args(argv)
+
+    import tempfile
+
+    from .config import VideoRewardConfig
+    from .memory_plan import plan_memory
+    from .trainer import VideoRewardTrainer
+
+    results = []
+    for name in a.cases.split(","):
+        over = MEMORY_PLAN_CASES[name]
+        cfg = VideoRewardConfig(method="refl", reward="alignment", prompts="world:train", prompts_per_step=a.batch,
+                                group_size=1, max_steps=10, output_dir=tempfile.mkdtemp(prefix="trl-video-mem-"),
+                                report_to="none", **over)
+        planned = plan_memory(cfg, gpus=1, gpu_mem_gib=1.0, reserve_gib=0.0)
+        trainer = VideoRewardTrainer(cfg)
+        trainer.training_step()  # optimiser states exist from here on, as in every later step
+        trainer.global_step += 1
+        peak = measured_step_peak(trainer)
+        ratio = planned.total / peak["Total"]
+        results.append({"case": name, "planned_bytes": planned.total, "measured_peak_bytes": peak["Total"],
+                        "ratio": ratio, "measured": peak, "planned": [r.__dict__ for r in planned.rows]})
+        print(f"{name}: planned {planned.total / 2**20:8.2f} MiB   measured peak {peak['Total'] / 2**20:8.2f} MiB   "
+              f"planned/measured {ratio:5.2f}  (target within 1.5x)")
+        print("   measured by category: " + ", ".join(f"{k} {v / 2**20:.2f}" for k, v in peak.items() if k != "Total"))
+        print("   planned: " + ", ".join(f"{r.name} {r.bytes / 2**20:.2f}" for r in planned.rows if r.bytes))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0

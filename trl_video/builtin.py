@@ -46,7 +46,8 @@ def trl_video_register_methods(register):
 
 @hookimpl
 def trl_video_register_benchmarks(register):
-    from .bench import bench_overhead, bench_scaling
+    from .bench import bench_memory_plan, bench_overhead, bench_scaling
 
     register("overhead", bench_overhead)
     register("scaling", bench_scaling)
+    register("memory-plan", bench_memory_plan)

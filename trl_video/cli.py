@@ -1,4 +1,4 @@
-"""``trl-video`` command line: plugins | train | eval | encode | push | bench | pretrain."""
+"""``trl-video`` command line: plugins | train | eval | encode | push | plan | bench | pretrain."""
 
 from __future__ import annotations
 
@@ -204,6 +204,12 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     return int(fn(rest) or 0)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .memory_plan import cmd_plan as run
+
+    return run(args)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .pretrain import run_pretrain
 
@@ -247,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True)
     p.add_argument("--private", action="store_true")
     p.add_argument("--endpoint", default=os.environ.get("HF_ENDPOINT"))
+    pl = sub.add_parser("plan", help="memory plan of a recipe: bytes per GPU, fits / does not fit")
+    from .memory_plan import add_plan_arguments
+
+    add_plan_arguments(pl)
     b = sub.add_parser("bench", help="benchmarks (trl-video bench overhead, ...)")
     b.add_argument("name", nargs="?", help="a benchmark (no name: list them)")
     pt = sub.add_parser("pretrain", help="reproduce the embedded tiny base models")
@@ -279,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_train(argv[argv.index("train") + 1:])
         return {"plugins": cmd_plugins, "eval": cmd_eval, "encode": cmd_encode,
                 "encode-prompts": cmd_encode_prompts,
-                "push": cmd_push, "pretrain": cmd_pretrain}[args.command](args)
+                "push": cmd_push, "pretrain": cmd_pretrain, "plan": cmd_plan}[args.command](args)
     except TrlVideoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
