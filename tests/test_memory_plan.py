@@ -70,3 +70,34 @@ def test_planned_peak_within_1_5x_of_a_measured_cpu_step(tmp_path):
     measured = measured_step_peak(trainer)["Total"]
     assert measured > 1e6
     assert 1 / 1.5 <= planned / measured <= 1.5, (planned / GIB, measured / GIB)
+
+
+def test_launcher_configs_load_with_accelerate():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    folder = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
+    seen = {}
+    for path in sorted(folder.glob("*.yaml")):
+        cfg = ClusterConfig.from_yaml_file(str(path))
+        seen[path.name] = (str(cfg.distributed_type), cfg.num_machines, cfg.num_processes)
+        if "fsdp" in path.name:
+            assert cfg.fsdp_config["fsdp_version"] == 2
+    assert seen == {"ddp_1node_8gpu.yaml": ("DistributedType.MULTI_GPU", 1, 8),
+                    "ddp_2node_16gpu.yaml": ("DistributedType.MULTI_GPU", 2, 16),
+                    "fsdp_1node_8gpu.yaml": ("DistributedType.FSDP", 1, 8),
+                    "fsdp_2node_16gpu.yaml": ("DistributedType.FSDP", 2, 16)}
+
+
+def test_accelerate_fsdp_launch_turns_sharding_on(monkeypatch):
+    from types import SimpleNamespace
+
+    from trl_video.sharding import fsdp_options, fsdp_requested
+
+    cfg = SimpleNamespace(fsdp=False, fsdp_config={})
+    assert not fsdp_requested(cfg)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with distributed_type FSDP sets
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    assert fsdp_requested(cfg)
+    assert fsdp_options(cfg)["reshard_after_forward"] is False

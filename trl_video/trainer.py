@@ -253,6 +253,12 @@ class VideoRewardTrainer:
             raise TrlVideoError("fsdp: eval_at_end is not supported on a sharded run; evaluate the exported model "
                                 "with `trl-video eval --checkpoint <output_dir>` after training")
         if self.accelerator.num_processes == 1:
+            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            if world > 1:  # accelerate on CPU with an FSDP launcher config: every rank thinks it is rank 0
+                raise TrlVideoError(f"fsdp: {world} processes were launched but accelerate sees 1 "
+                                    f"(distributed type {self.accelerator.distributed_type}); on CPU launch with "
+                                    f"`torchrun --nproc_per_node N` and ACCELERATE_USE_CPU=true, `fsdp: true` in "
+                                    f"the recipe (see README, Sharding)")
             return None  # one process holds everything: sharding would only add copies
         return sharding.shard_for_training(self.policy, aux, self.accelerator.device.type,
                                            self.accelerator.num_processes, options)

@@ -120,6 +120,22 @@ class DMAlignLoss:
         self.fake = build_fake(ctx, cfg)
         return {"fake": Trainable(self.fake, lr=cfg.fake_lr)}
 
+    @staticmethod
+    def planned_trainables(config: Any, method_config: Any, transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """For ``trl-video plan`` (called on the meta device): the fake score, a copy of the teacher transformer,
+        fully trainable or frozen with its own LoRA, as :func:`build_fake` makes it."""
+        cfg = method_config if isinstance(method_config, DMAlignConfig) else DMAlignConfig()
+        fake = type(transformer).from_config(transformer.config)
+        if cfg.fake_lora_rank > 0:
+            from peft import LoraConfig
+
+            fake.requires_grad_(False)
+            fake.add_adapter(LoraConfig(r=cfg.fake_lora_rank, lora_alpha=cfg.fake_lora_rank,
+                                        target_modules=list(config.lora_target_modules), init_lora_weights=True))
+        else:
+            fake.requires_grad_(True)
+        return {"fake": fake}
+
     def phases(self, step: int) -> list[Phase]:
         # Alg. 1 order: the generator step (l. 6-15) uses the fake model as it was BEFORE seeing this batch; then
         # the fake takes its N steps on stopgrad(x) (l. 16-21). The reverse order lets the fake fit the very
