@@ -110,6 +110,9 @@ class MethodConfig(ConfigBase):
     key_prefix: ClassVar[str] = "method_args."
 
 
+#: accelerate's tracker names (``accelerate.utils.LoggerType``) accepted by ``report_to``
+TRACKERS = ("all", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab")
+
 #: deprecated recipe keys -> (VideoRewardConfig field, note). The LoRA keys follow ``trl.ModelConfig`` now.
 ALIASES: dict[str, tuple[str, str]] = {
     "use_lora": ("use_peft", "trl.ModelConfig name"),
@@ -208,7 +211,9 @@ class VideoRewardConfig(ConfigBase):
     logging_steps: int = doc_field(1, "Log every N steps (trackers + metrics.jsonl).", ge=1)
     save_steps: int = doc_field(0, "Checkpoint every N steps (0: only at the end).")
     save_total_limit: int | None = doc_field(2, "Keep at most this many checkpoints.")
-    report_to: str = doc_field("tensorboard", "tensorboard | none.")
+    report_to: str | list[str] = doc_field("tensorboard", "Trackers (accelerate's): tensorboard (default), wandb, trackio, "
+                                                     "comet_ml, mlflow, aim, clearml, dvclive, swanlab; a list or "
+                                                     "a comma-separated string; all = every installed one; none.")
     save_model_at_end: bool = doc_field(True, "Write a diffusers pipeline folder to output_dir/model at the end.")
 
     # ---- evaluation
@@ -238,8 +243,26 @@ class VideoRewardConfig(ConfigBase):
 
     def validate(self) -> None:
         super().validate()
-        if self.report_to not in ("tensorboard", "none"):
-            self.fail("report_to", "must be tensorboard|none")
+        unknown = [t for t in self.trackers if t not in TRACKERS]
+        if unknown or (isinstance(self.report_to, list) and not self.report_to):
+            self.fail("report_to", f"must name trackers among {'|'.join(TRACKERS)} (or none)")
+
+    @property
+    def trackers(self) -> list[str]:
+        """``report_to`` as a list of accelerate tracker names (empty for none)."""
+        names = self.report_to.split(",") if isinstance(self.report_to, str) else list(self.report_to)
+        names = [str(n).strip() for n in names if str(n).strip()]
+        return [] if names == ["none"] else names
+
+    def check_trackers_installed(self) -> None:
+        """Every tracker named in ``report_to`` can be imported (accelerate would silently drop a missing one)."""
+        from accelerate.tracking import get_available_trackers
+
+        available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+        for name in self.trackers:
+            if name != "all" and name not in available:
+                raise ConfigError(f"report_to: tracker '{name}' is not installed (pip install {name}; installed: "
+                                  f"{', '.join(sorted(available)) or 'none'})", key="report_to")
 
     @property
     def global_batch(self) -> int:

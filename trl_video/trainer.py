@@ -90,6 +90,19 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # lifetime peak where /proc is missing
 
 
+def flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A recipe as flat ``key.sub: scalar`` pairs (TensorBoard's hparams take only scalars and strings)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        elif isinstance(v, (bool, int, float, str)):
+            out[f"{prefix}{k}"] = v
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
 def find_checkpoints(output_dir: str | Path) -> list[Path]:
     out = Path(output_dir)
     if not out.is_dir():
@@ -106,8 +119,10 @@ class VideoRewardTrainer:
         config: the training configuration.
         policy: an already loaded :class:`~trl_video.models.policy.VideoPolicy` (default: load ``config.model``).
         registry: component registry (default: installed plugins).
-        callbacks: ``transformers.TrainerCallback`` instances (``on_train_begin``, ``on_step_end``, ``on_log``,
-            ``on_save``, ``on_train_end``); setting ``control.should_training_stop`` stops training.
+        callbacks: ``transformers.TrainerCallback`` instances (or any object with some of the event methods),
+            dispatched by transformers' ``CallbackHandler`` (:mod:`trl_video.callbacks`): ``on_train_begin``,
+            ``on_step_begin``, ``on_rollout`` (the step's rollouts after reward and estimator), ``on_step_end``,
+            ``on_log``, ``on_save``, ``on_train_end``; setting ``control.should_training_stop`` stops training.
         recipe: the raw recipe mapping (written into checkpoints and the model card).
     """
 
@@ -122,10 +137,17 @@ class VideoRewardTrainer:
         self.recipe = recipe if recipe is not None else config.to_dict()
         self.registry = registry or get_registry()
         self.plan = resolve_plan(config, self.registry)
+        self.output_dir = Path(config.output_dir)
+        config.check_trackers_installed()
+        from accelerate.utils import ProjectConfiguration
+
         # The trainer applies the recipe's precision itself (dtypes, autocast, GradScaler for fp16): accelerate's
         # state is a process-wide singleton that cannot change between trainers, and it has no fp16 on CPU.
-        self.accelerator = Accelerator(mixed_precision="no")
-        self.output_dir = Path(config.output_dir)
+        # Trackers through accelerate (report_to): TensorBoard events go to output_dir/tensorboard/<run name>.
+        self.accelerator = Accelerator(mixed_precision="no", log_with=config.trackers or None,
+                                       project_config=ProjectConfiguration(
+                                           project_dir=str(self.output_dir),
+                                           logging_dir=str(self.output_dir / "tensorboard")))
         existing = find_checkpoints(self.output_dir)
         if existing and not resume:
             raise TrlVideoError(f"output dir '{self.output_dir}' already holds {existing[-1].name}: pass --resume to "
@@ -222,10 +244,20 @@ class VideoRewardTrainer:
         for name, g in self.groups.items():
             if g.ema_decay:
                 self.ctx.ema[name] = EMAModel(self.group_params(name), decay=g.ema_decay)
-        self.callbacks = list(callbacks or [])
+        from transformers import TrainerControl, TrainerState
+
+        from .callbacks import VideoCallbackHandler
+
+        self.callback_handler = VideoCallbackHandler(list(callbacks or []), self.policy.transformer,
+                                                     self.optimizers.get("policy"), self.schedulers.get("policy"))
         self.global_step = 0
-        self.history: list[dict[str, Any]] = []
-        self._writer = None
+        self.state = TrainerState(max_steps=config.max_steps, logging_steps=config.logging_steps,
+                                  save_steps=config.save_steps, train_batch_size=config.global_batch,
+                                  is_local_process_zero=self.accelerator.is_local_main_process,
+                                  is_world_process_zero=self.is_main, log_history=[])
+        self.control = TrainerControl()
+        self.history: list[dict[str, Any]] = self.state.log_history
+        self._trackers_started = False
 
     # ------------------------------------------------------------------ helpers
     def group_module(self, name: str) -> nn.Module:
@@ -236,6 +268,19 @@ class VideoRewardTrainer:
         if name == "policy":
             return self.policy.trainable_parameters()
         return [p for p in self.groups[name].module.parameters() if p.requires_grad]
+
+    @property
+    def callbacks(self) -> list[Any]:
+        return self.callback_handler.callbacks
+
+    def add_callback(self, callback: Any) -> None:
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback: Any) -> Any:
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback: Any) -> None:
+        self.callback_handler.remove_callback(callback)
 
     @property
     def is_main(self) -> bool:
@@ -325,7 +370,10 @@ class VideoRewardTrainer:
             fresh = self.sampler.sample(ctx, prompts, embeds, gids)
         reward_grad = self.loss.sample_grad and self.loss.reward_grad
         fresh.rewards = ctx.score(fresh.latents, prompts, grad=reward_grad)
-        return self.estimator(ctx, fresh)
+        batch = self.estimator(ctx, fresh)
+        self.control = self.callback_handler.on_rollout(self.config, self.state, self.control, rollouts=batch,
+                                                        trainer=self)
+        return batch
 
     def _batch(self, cache: dict[Any, Rollouts], m: int, stats: dict[str, list[torch.Tensor]],
                uses_graph: bool = True) -> Rollouts:
@@ -427,75 +475,75 @@ class VideoRewardTrainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
-        from transformers import TrainerControl, TrainerState
 
         cfg = self.config
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            if cfg.report_to == "tensorboard" and self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
-        state = TrainerState(max_steps=cfg.max_steps, global_step=self.global_step, is_world_process_zero=self.is_main)
-        control = TrainerControl()
-        self._call("on_train_begin", state, control)
+        if cfg.trackers and not self._trackers_started:
+            self.accelerator.init_trackers(self.output_dir.resolve().name, config=flat_config(self.recipe))
+            self._trackers_started = True
+        state = self.state
+        state.global_step = self.global_step
+        self._call("on_train_begin", state, self.control)
         bar = tqdm(total=cfg.max_steps, initial=self.global_step, disable=not self.is_main, desc="train",
                    dynamic_ncols=True)
         try:
             while self.global_step < cfg.max_steps:
+                self._call("on_step_begin", state, self.control)
                 metrics = self.training_step()
                 self.global_step += 1
                 state.global_step = self.global_step
                 if self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_steps:
                     self.log(metrics)
-                    self._call("on_log", state, control, logs=metrics)
+                    self._call("on_log", state, self.control, logs=dict(metrics))
                 bar.update(1)
                 if "reward_mean" in metrics:
                     bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}")
-                self._call("on_step_end", state, control, metrics=metrics)
+                self._call("on_step_end", state, self.control, metrics=metrics)
                 if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < cfg.max_steps:
                     self.save_checkpoint()
-                    self._call("on_save", state, control)
-                if control.should_training_stop:
+                    self._call("on_save", state, self.control)
+                if self.control.should_training_stop:
                     break
         finally:
             bar.close()
         self.save_checkpoint()
         if cfg.save_model_at_end:
             self.save_model()
-        self._call("on_train_end", state, control)
-        if self._writer is not None:
-            self._writer.flush()
+        self._call("on_train_end", state, self.control)
         result: dict[str, Any] = {"global_step": self.global_step, "output_dir": str(self.output_dir)}
         if cfg.eval_at_end:
             from .evaluation import evaluate_trainer
 
             with self.autocast():  # frozen weights may be bf16/fp16
                 result["eval"] = evaluate_trainer(self)
+            if result["eval"] and self._trackers_started:
+                ev = result["eval"]
+                self.accelerator.log({f"eval/{ev['reward']}_{k}": float(ev[k]) for k in
+                                      ("reward_before", "reward_after", "gain", "gain_sem")}, step=self.global_step)
+        if self._trackers_started:
+            self.accelerator.end_training()  # flushes and closes every tracker
+            self._trackers_started = False
         if cfg.push_to_hub and self.is_main:
             result["hub_url"] = self.push_to_hub()
         self.accelerator.wait_for_everyone()
         return result
 
     def _call(self, event: str, state: Any, control: Any, **kw: Any) -> None:
-        for cb in self.callbacks:
-            fn = getattr(cb, event, None)
-            if fn is not None:
-                fn(self.config, state, control, trainer=self, **kw)
+        self.control = getattr(self.callback_handler, event)(self.config, state, control, trainer=self, **kw)
 
     def log(self, metrics: dict[str, float]) -> None:
         if not self.is_main:
             return
         row = {"step": self.global_step, **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}}
-        self.history.append(row)
+        self.history.append(row)  # = state.log_history
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._writer is not None:
-            for k, v in metrics.items():
-                self._writer.add_scalar(k, v, self.global_step)
+        if self._trackers_started:
+            self.accelerator.log(metrics, step=self.global_step)
 
     # ------------------------------------------------------------------ checkpoints
     def _component_states(self) -> dict[str, Any]:
