@@ -76,6 +76,8 @@ def test_trl_parser_recipe_set_and_flags(tmp_path: Path) -> None:
     args = parse_train_args(["--config", str(recipe), "--method_args", "{kl_weight: 0.3}"])
     assert args.config.method_args == {"kl_weight": 0.3} and args.recipe_path == str(recipe)
     assert "--sampler_args" in RecipeParser().format_help()
+    assert args.config.trackers == ["tensorboard"]  # the default of a `str | list[str]` field survives TrlParser
+    assert parse_train_args(["--report_to", "tensorboard", "wandb"]).config.trackers == ["tensorboard", "wandb"]
 
 
 @pytest.mark.parametrize(("argv", "text"), [
@@ -112,3 +114,24 @@ def test_peft_config_comes_from_trl_model_config() -> None:
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.task_type) == (4, 4, 0.0, None)
     assert set(lora.target_modules) == {"to_q"} and lora.bias == "none" and not lora.use_dora
     assert config_from_dict({"use_peft": False}).peft_config() is None
+
+
+def test_prompt_mixture_through_trl_get_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TRL DatasetMixtureConfig mapping (prompt_datasets) and plain files both load through trl.get_dataset."""
+    import datasets
+
+    from trl_video.data import load_prompts
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(f'{{"prompt": "a{i}", "x": {i}}}\n' for i in range(6)))
+    b.write_text("".join(f'{{"prompt": "b{i}"}}\n' for i in range(2)))
+    mixture = {"datasets": [{"path": "json", "data_files": str(a), "columns": ["prompt"], "fraction": 0.5},
+                            {"path": "json", "data_files": str(b), "fraction": 0.5}]}
+    # fractions 1:1 capped by the smaller set: the first 2 rows of each
+    assert load_prompts(mixture) == ["a0", "a1", "b0", "b1"]
+    assert load_prompts(str(a)) == [f"a{i}" for i in range(6)]
+    config = config_from_dict({"prompt_datasets": mixture})
+    assert config.prompt_datasets == mixture
+    with pytest.raises(ConfigError, match="prompt_datasets must be a trl.DatasetMixtureConfig mapping"):
+        config_from_dict({"prompt_datasets": {"datasetz": []}})

@@ -222,9 +222,19 @@ def test_trainer_push_to_fake_hub(trainer: Any, fake_hub: FakeHub, tmp_path: Pat
 
     card = (stored / "README.md").read_text()
     assert "tiny-wan-random" in card
-    assert "refl" in card
-    assert "@article" in card
-    assert "trl-video" in card and "library_name: diffusers" in card
+    assert "@article{prabhudesai2024vader" in card  # the method's citation (MethodSpec.citation)
+    assert "library_name: diffusers" in card and "pipeline_tag: text-to-video" in card
+    # TRL's generate_model_card layout: its tags, "trained with <method>, a method introduced in <paper>", the
+    # framework versions and TRL's own citation; the quick start is a diffusers pipeline
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(card).data
+    assert {"trl", "trl-video", "trl-video-refl", "generated_from_trainer"} <= set(data.tags)
+    assert ("This model was trained with refl, a method introduced in [Video Diffusion Alignment via Reward "
+            "Gradients](https://huggingface.co/papers/2407.08737)") in card
+    assert "### Framework versions" in card and "- TRL: " in card and "- diffusers: " in card
+    assert "Cite TRL as" in card and "DiffusionPipeline.from_pretrained(\"user/tiny\")" in card
+    assert "text-generation" not in card  # TRL's language-model quick start was replaced
 
     cap = capsys.readouterr()
     _assert_no_token(cap.out, cap.err, caplog.text, card)

@@ -113,6 +113,11 @@ def _check_sources(config: Any) -> None:
                 raise TrlVideoError(f"{key}: file or folder not found: {src}")
     if config.prompt_embeds and not Path(config.prompt_embeds).is_dir():
         raise TrlVideoError(f"prompt_embeds: folder not found: {config.prompt_embeds}")
+    for i, entry in enumerate(config.prompt_datasets.get("datasets") or []):
+        files = entry.get("data_files") if isinstance(entry, dict) else None
+        for f in [files] if isinstance(files, str) else (files or []):
+            if isinstance(f, str) and not Path(f).exists():
+                raise TrlVideoError(f"prompt_datasets.datasets[{i}].data_files: file not found: {f}")
     if config.offline_latents and not Path(config.offline_latents).exists():
         raise TrlVideoError(f"offline_latents: folder not found: {config.offline_latents}")
     m = config.model

@@ -16,6 +16,7 @@ through ``trl.get_peft_config``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import operator
@@ -149,6 +150,9 @@ class VideoRewardConfig(ConfigBase):
     # ---- data
     prompts: str = doc_field("world:train", "Prompt source: `world:train`, `world:heldout`, a json/jsonl/csv/parquet file, "
                                       "a dataset saved with save_to_disk, or a hub dataset id.")
+    prompt_datasets: dict[str, Any] = doc_field({}, "A TRL dataset mixture (trl.DatasetMixtureConfig: {datasets: [{path, "
+                                                  "name, data_files, split, columns, fraction}], streaming, "
+                                                  "test_split_size}); when set, used instead of `prompts`.")
     prompt_column: str = doc_field("prompt", "Column holding the prompt text.")
     offline_latents: str | None = doc_field(None, "Folder of an offline-latents dataset (save_to_disk) with columns prompt, "
                                            "latents[, reward, source].")
@@ -243,6 +247,13 @@ class VideoRewardConfig(ConfigBase):
 
     def validate(self) -> None:
         super().validate()
+        if self.prompt_datasets:
+            from trl import DatasetMixtureConfig
+
+            try:
+                DatasetMixtureConfig(**copy.deepcopy(self.prompt_datasets))  # it converts entries in place
+            except TypeError as exc:
+                self.fail("prompt_datasets", f"must be a trl.DatasetMixtureConfig mapping ({exc})")
         unknown = [t for t in self.trackers if t not in TRACKERS]
         if unknown or (isinstance(self.report_to, list) and not self.report_to):
             self.fail("report_to", f"must name trackers among {'|'.join(TRACKERS)} (or none)")

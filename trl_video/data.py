@@ -17,36 +17,61 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 VIDEO_EXTS = (".mp4", ".gif", ".webm", ".mov", ".avi")
 
 
-def load_prompt_dataset(source: str, column: str = "prompt"):
-    """Return a ``datasets.Dataset`` with a ``column`` of prompt strings."""
+def _trl_dataset(datasets: list[dict[str, Any]], streaming: bool = False, test_split_size: float | None = None):
+    """Load through TRL's dataset mixture (``trl.DatasetMixtureConfig`` + ``trl.get_dataset``): the train split."""
+    from trl import DatasetMixtureConfig, get_dataset
+
+    mixture = DatasetMixtureConfig(datasets=[dict(d) for d in datasets], streaming=streaming,  # type: ignore[misc]
+                                   test_split_size=test_split_size)
+    return get_dataset(mixture)["train"]
+
+
+def load_prompt_dataset(source: str | dict[str, Any], column: str = "prompt"):
+    """Return a ``datasets.Dataset`` with a ``column`` of prompt strings.
+
+    ``source``: ``world:<split>``; a json/jsonl/csv/parquet/txt file or a hub dataset id (both loaded through TRL's
+    ``get_dataset``); a folder written by ``save_to_disk``; or a TRL ``DatasetMixtureConfig`` mapping
+    (``{datasets: [{path, name, data_files, split, columns, fraction}, ...]}``, the recipe's ``prompt_datasets``).
+    """
     import datasets
 
-    if source.startswith("world:"):
+    if isinstance(source, dict):
+        where = "prompt_datasets"
+        try:
+            ds = _trl_dataset(**source)
+        except TypeError as exc:  # an unknown key of DatasetMixtureConfig / DatasetConfig
+            raise TrlVideoError(f"prompt_datasets: {exc}") from exc
+        except Exception as exc:
+            msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise TrlVideoError(f"prompt_datasets: cannot load the mixture: {type(exc).__name__}: {msg}") from exc
+        source = where
+    elif source.startswith("world:"):
         from . import world
 
         return world.world_dataset(source.split(":", 1)[1])
-    path = Path(source).expanduser()
-    if path.suffix in FILE_BUILDERS:
-        if not path.exists():
-            raise TrlVideoError(f"prompts file not found: {path}")
-        builder = FILE_BUILDERS[path.suffix]
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        if builder == "text" and column not in ds.column_names:
-            ds = ds.rename_column("text", column)
-    elif path.is_dir():
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as exc:
-            raise TrlVideoError(f"prompts folder '{path}' is not a dataset saved with save_to_disk: {exc}") from exc
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    elif source.count("/") == 1 and not source.startswith((".", "/")):
-        try:
-            ds = datasets.load_dataset(source, split="train")
-        except Exception as exc:
-            raise TrlVideoError(f"cannot load prompt dataset '{source}' from the hub: {type(exc).__name__}") from exc
     else:
-        raise TrlVideoError(f"prompts '{source}': not found (expected world:<split>, a file, a folder or a hub id)")
+        path = Path(source).expanduser()
+        if path.suffix in FILE_BUILDERS:
+            if not path.exists():
+                raise TrlVideoError(f"prompts file not found: {path}")
+            builder = FILE_BUILDERS[path.suffix]
+            ds = _trl_dataset([{"path": builder, "data_files": str(path)}])
+            if builder == "text" and column not in ds.column_names:
+                ds = ds.rename_column("text", column)
+        elif path.is_dir():
+            try:
+                ds = datasets.load_from_disk(str(path))
+            except Exception as exc:
+                raise TrlVideoError(f"prompts folder '{path}' is not a dataset saved with save_to_disk: {exc}") from exc
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        elif source.count("/") == 1 and not source.startswith((".", "/")):
+            try:
+                ds = _trl_dataset([{"path": source}])
+            except Exception as exc:
+                raise TrlVideoError(f"cannot load prompt dataset '{source}' from the hub: {type(exc).__name__}") from exc
+        else:
+            raise TrlVideoError(f"prompts '{source}': not found (expected world:<split>, a file, a folder or a hub id)")
     if column not in ds.column_names:
         raise TrlVideoError(f"prompts '{source}' has no column '{column}' (columns: {', '.join(ds.column_names)})")
     if len(ds) == 0:
@@ -54,7 +79,7 @@ def load_prompt_dataset(source: str, column: str = "prompt"):
     return ds
 
 
-def load_prompts(source: str, column: str = "prompt") -> list[str]:
+def load_prompts(source: str | dict[str, Any], column: str = "prompt") -> list[str]:
     return [str(p) for p in load_prompt_dataset(source, column)[column]]
 
 

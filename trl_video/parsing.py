@@ -84,6 +84,10 @@ class RecipeParser(TrlParser):
                                 default=field.default_factory(), help=meta.get("help"))  # type: ignore[misc]
             return
         TrlParser._parse_dataclass_field(parser, field)
+        if field.default is not dataclasses.MISSING and field.default is not None:
+            for action in parser._actions:  # HfArgumentParser drops a plain default of a `str | list[str]` field
+                if action.dest == field.name and action.default is None:
+                    action.default = field.default
 
     def error(self, message: str) -> typing.NoReturn:  # argparse would print usage and exit
         raise TrlVideoError(message)

@@ -205,7 +205,8 @@ class VideoRewardTrainer:
         if self.replay.needs_rollouts:
             from .data import PromptSampler, load_prompts
 
-            self.prompt_sampler: Any = PromptSampler(load_prompts(config.prompts, config.prompt_column), config.seed)
+            self.prompt_sampler: Any = PromptSampler(load_prompts(config.prompt_datasets or config.prompts,
+                                                                        config.prompt_column), config.seed)
         else:
             self.prompt_sampler = None
         _ = config.per_process_batch  # validates divisibility early
