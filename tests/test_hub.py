@@ -296,3 +296,32 @@ def test_unreachable_endpoint_is_one_line_trl_video_error(trainer: Any, monkeypa
 def test_push_needs_a_repo_id(trainer: Any) -> None:
     with pytest.raises(TrlVideoError, match="hub_model_id"):
         trainer.push_to_hub()
+
+
+def test_push_records_eval_metrics_in_the_model_index(trainer: Any, fake_hub: FakeHub,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`trl-video eval`'s evaluate modules -> eval_results.json (evaluate.save) -> `trl-video push` writes them as
+    the card's model-index, which the fake Hub receives."""
+    from huggingface_hub import ModelCard
+
+    from trl_video.evaluation import eval_pairs, evaluate
+
+    prompts, seeds = eval_pairs("world:heldout", 4)
+    res = evaluate(trainer.policy, prompts, seeds, {"luminance": trainer.registry.create("reward", "luminance")},
+                   trainer.output_dir / "eval", num_steps=2, prompts_source="world:heldout")
+    saved = json.loads((trainer.output_dir / "eval" / "eval_results.json").read_text())
+    assert saved["gain"] == res["gain"] and "_evaluate_version" in saved
+    assert set(saved["metrics"]["frechet_distance"]) == {"after_vs_before", "before_vs_world", "after_vs_world"}
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    code = cli.main(["push", "--checkpoint", str(trainer.output_dir), "--repo-id", "user/evald",
+                     "--endpoint", fake_hub.url])
+    assert code == 0, capsys.readouterr().err
+    card = ModelCard((fake_hub.repo_dir("user/evald") / "README.md").read_text())
+    (entry,) = card.data.to_dict()["model-index"]
+    values = {(m["type"], m.get("config")): m["value"] for r in entry["results"] for m in r["metrics"]}
+    assert values[("reward_gain", "luminance")] == pytest.approx(res["gain"], abs=1e-6)
+    assert values[("reward_gain_sem", "luminance")] == pytest.approx(res["gain_sem"], abs=1e-6)
+    fd = saved["metrics"]["frechet_distance"]["after_vs_world"]
+    assert values[("frechet_distance", "after_vs_world")] == pytest.approx(fd, abs=1e-6)
+    assert entry["results"][0]["dataset"]["type"] == "world:heldout"

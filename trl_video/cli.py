@@ -98,8 +98,20 @@ def cmd_train(argv: list[str]) -> int:
                   f"(gain {ev['gain']:.4f} +- {ev['gain_sem']:.4f} s.e., n={ev['num_prompts']})")
             print(f"pictures: {out / 'eval' / 'samples_before_after.png'}, {out / 'eval' / 'samples_before.gif'}, "
                   f"{out / 'eval' / 'samples_after.gif'}, {out / 'eval' / 'reward_curve.png'}")
+            print(_feature_line(ev))
             print(f"results:  {out / 'eval' / 'eval_results.json'}")
     return 0
+
+
+def _feature_line(res: dict[str, Any]) -> str:
+    """Frechet distances and diversity of an evaluation, one line."""
+    m = res.get("metrics") or {}
+    fd, se = m.get("frechet_distance") or {}, m.get("frechet_distance_se") or {}
+    parts = [f"FD {k} {v:.4f} +- {se.get(k) or 0:.4f}" for k, v in fd.items()]
+    div = m.get("diversity") or {}
+    if div:
+        parts.append(f"diversity before {div['before']['diversity']:.4f} after {div['after']['diversity']:.4f}")
+    return "features: " + "; ".join(parts)
 
 
 def _check_sources(config: Any) -> None:
@@ -154,9 +166,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = model_dir.parent / "metrics.jsonl"
     out = Path(args.out or (model_dir.parent / "eval"))
     res = evaluate(after, prompts, seeds, rewards, out, policy_before=before, num_steps=args.num_steps,
-                   metrics_path=metrics if metrics.exists() else None, main_reward=names[0])
+                   metrics_path=metrics if metrics.exists() else None, main_reward=names[0],
+                   prompts_source=args.prompts)
     print(f"{res['reward']}: before {res['reward_before']:.4f} after {res['reward_after']:.4f} "
           f"gain {res['gain']:.4f} +- {res['gain_sem']:.4f} (n={res['num_prompts']}); results in {out}")
+    print(_feature_line(res))
     return 0
 
 

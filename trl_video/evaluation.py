@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +119,11 @@ def plot_reward_curve(metrics_path: Path, out: Path, key: str = "reward_mean") -
 
 def evaluate(policy_after: Any, prompts: list[str], seeds: list[int], rewards: dict[str, Any], out_dir: str | Path, *,
              policy_before: Any = None, transformer_before: Any = None, num_steps: int = 20,
-             metrics_path: str | Path | None = None, main_reward: str | None = None) -> dict[str, Any]:
-    """Score the same (prompt, seed) pairs before and after; write JSON, GIFs, PNG grid and reward curve."""
+             metrics_path: str | Path | None = None, main_reward: str | None = None,
+             prompts_source: str | None = None) -> dict[str, Any]:
+    """Score the same (prompt, seed) pairs before and after; write JSON (``evaluate.save``), GIFs, PNG grid and
+    reward curve. The metrics are the package's ``evaluate`` modules (:func:`load_metric`): ``reward_gain`` per
+    reward, ``frechet_distance`` and ``diversity`` on :func:`video_features`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     main_reward = main_reward or next(iter(rewards))
@@ -133,24 +138,25 @@ def evaluate(policy_after: Any, prompts: list[str], seeds: list[int], rewards: d
         pix_after = torch.cat([policy_after.decode(lat_after[i:i + 16]) for i in range(0, len(prompts), 16)])
         pix_before = torch.cat([before_policy.decode(lat_before[i:i + 16]) for i in range(0, len(prompts), 16)])
     per_reward: dict[str, Any] = {}
-    paired = {}
+    gains: dict[str, Any] = {}
+    reward_gain = load_metric("reward_gain")
     for name, fn in rewards.items():
         with torch.no_grad():
             rb = fn(pix_before if fn.space == "pixel" else lat_before, prompts).float().cpu()
             ra = fn(pix_after if fn.space == "pixel" else lat_after, prompts).float().cpu()
         per_reward[name] = {"before": mean_sem(rb), "after": mean_sem(ra), "gain": mean_sem(ra - rb)}
-        paired[name] = (rb, ra)
-    rb, ra = paired[main_reward]
-    diff = mean_sem(ra - rb)
+        gains[name] = reward_gain.compute(predictions=ra.double().tolist(), references=rb.double().tolist())
+    main = gains[main_reward]
     results = {
         "reward": main_reward,
-        "reward_before": float(rb.mean()), "reward_after": float(ra.mean()),
-        "gain": diff["mean"], "gain_sem": diff["sem"],
-        "gain_in_sem": diff["mean"] / diff["sem"] if diff["sem"] > 0 else None,
-        "per_reward": per_reward, "num_prompts": len(prompts), "seeds": list(seeds), "prompts": list(prompts),
-        "num_steps": num_steps,
+        "reward_before": main["before"], "reward_after": main["after"],
+        "gain": main["gain"], "gain_sem": main["gain_sem"], "gain_in_sem": main["gain_in_sem"],
+        "per_reward": per_reward, "metrics": {"reward_gain": gains, **feature_metrics(pix_before, pix_after,
+                                                                                      prompts, seeds)},
+        "num_prompts": len(prompts), "prompts_source": prompts_source, "seeds": list(seeds),
+        "prompts": list(prompts), "num_steps": num_steps,
     }
-    (out / "eval_results.json").write_text(json.dumps(results, indent=2))
+    save_results(out / "eval_results.json", results)
     n = min(16, len(prompts))
     save_gif(out / "samples_before.gif", video_grid(pix_before[:n]))
     save_gif(out / "samples_after.gif", video_grid(pix_after[:n]))
@@ -185,5 +191,82 @@ def evaluate_trainer(trainer: Any) -> dict[str, Any]:
     trainer.policy.eval()
     results = evaluate(trainer.policy, prompts, seeds, rewards, trainer.output_dir / "eval",
                        num_steps=cfg.eval_num_steps, metrics_path=trainer.output_dir / "metrics.jsonl",
-                       main_reward=cfg.reward)
+                       main_reward=cfg.reward, prompts_source=cfg.eval_prompts)
     return results
+
+
+# ------------------------------------------------------------------------------------------ evaluate modules
+METRICS_DIR = Path(__file__).parent / "metrics"
+METRICS = ("reward_gain", "frechet_distance", "diversity")
+
+
+@functools.cache
+def load_metric(name: str) -> Any:
+    """One of the package's ``evaluate`` modules (``trl_video/metrics/<name>/<name>.py``), loaded with
+    ``evaluate.load(<local path>)``: reward_gain, frechet_distance, diversity."""
+    import evaluate
+
+    if name not in METRICS:
+        raise TrlVideoError(f"unknown metric '{name}' (trl-video ships {', '.join(METRICS)})")
+    return evaluate.load(str(METRICS_DIR / name))
+
+
+def save_results(path: Path, results: dict[str, Any]) -> None:
+    """``evaluate.save`` (the results plus timestamp, git commit, library and Python versions)."""
+    import evaluate
+
+    # evaluate.save asks git for the commit; outside a checkout git complains on the inherited stderr
+    with open(os.devnull, "w") as devnull:
+        saved = os.dup(2)
+        os.dup2(devnull.fileno(), 2)
+        try:
+            evaluate.save(str(path), **results)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def video_features(pix: torch.Tensor) -> torch.Tensor:
+    """13 interpretable statistics per decoded clip ``[B, 3, F, H, W]`` in [-1, 1] (a hand-made stand-in for the
+    I3D features of FVD, which need hub weights): object area and its change over time, object colour (3) and its
+    change, background level, mean object position (2) and displacement (2), spatial sharpness, frame difference."""
+    x = (pix.float().clamp(-1, 1) + 1) / 2
+    b, _, f, h, w = x.shape
+    sat = x.amax(1) - x.amin(1)  # [B, F, H, W]; world objects are saturated, backgrounds grey
+    m = torch.sigmoid((sat - 0.4) * 20)
+    msum = m.flatten(2).sum(-1) + 1e-3  # [B, F]
+    area_t = m.flatten(2).mean(-1)
+    col_t = (x * m[:, None]).flatten(3).sum(-1) / msum[:, None]  # [B, 3, F]
+    bg = (x.mean(1) * (1 - m)).flatten(1).sum(1) / ((1 - m).flatten(1).sum(1) + 1e-3)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    cx = (m * xx).flatten(2).sum(-1) / msum
+    cy = (m * yy).flatten(2).sum(-1) / msum
+    fr = torch.arange(f, dtype=torch.float32) - (f - 1) / 2
+
+    def slope(c: torch.Tensor) -> torch.Tensor:  # least-squares displacement over the clip
+        return (c * fr).sum(-1) / fr.pow(2).sum() * (f - 1)
+
+    sharp = (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3, 4)) + (x[..., 1:] - x[..., :-1]).abs().mean(
+        (1, 2, 3, 4))
+    tdiff = (x[:, :, 1:] - x[:, :, :-1]).abs().mean((1, 2, 3, 4))
+    return torch.stack([area_t.mean(1), area_t.std(1), *col_t.mean(2).unbind(1), col_t.std(2).mean(1), bg,
+                        cx.mean(1), cy.mean(1), slope(cx), slope(cy), sharp, tdiff], 1).double()
+
+
+def feature_metrics(pix_before: torch.Tensor, pix_after: torch.Tensor, prompts: list[str],
+                    seeds: list[int], num_bootstrap: int = 200) -> dict[str, Any]:
+    """Frechet distances (after vs before; each vs the world's ground-truth clips when every prompt is a world
+    caption) and diversity (overall and across the seeds of one prompt) on :func:`video_features`."""
+    from . import world
+
+    fb, fa = video_features(pix_before).tolist(), video_features(pix_after).tolist()
+    fd, div = load_metric("frechet_distance"), load_metric("diversity")
+    fds = {"after_vs_before": fd.compute(predictions=fa, references=fb, num_bootstrap=num_bootstrap)}
+    if all(world.Caption.parse(p) is not None for p in prompts):
+        real = video_features(world.render_batch(prompts, [s + 1_000_003 for s in seeds])).tolist()
+        fds["before_vs_world"] = fd.compute(predictions=fb, references=real, num_bootstrap=num_bootstrap)
+        fds["after_vs_world"] = fd.compute(predictions=fa, references=real, num_bootstrap=num_bootstrap)
+    return {"frechet_distance": {k: v["frechet_distance"] for k, v in fds.items()},
+            "frechet_distance_se": {k: v["frechet_distance_se"] for k, v in fds.items()},
+            "diversity": {"before": div.compute(predictions=fb, references=list(prompts)),
+                          "after": div.compute(predictions=fa, references=list(prompts))}}

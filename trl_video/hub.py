@@ -130,19 +130,19 @@ def eval_results_for_card(results: dict[str, Any]) -> list[Any]:
     prompts = str(results.get("prompts_source", "world:heldout"))
     common = dict(task_type="text-to-video", task_name="Text-to-video", dataset_type=prompts, dataset_name=prompts,
                   dataset_split=f"{results.get('num_prompts', '?')} (prompt, seed) pairs")
+    metrics = results.get("metrics") or {}
     out = []
-    for name, rw in (results.get("per_reward") or {}).items():
+    for name, rg in (metrics.get("reward_gain") or {}).items():
         for key, label in (("before", "before"), ("after", "after"), ("gain", "gain"), ("gain_sem", "gain s.e.")):
-            if rw.get(key) is not None:
+            if isinstance(rg.get(key), (int, float)):
                 out.append(EvalResult(metric_type=f"reward_{key}", metric_name=f"{name} reward {label}",
-                                      metric_value=round(float(rw[key]), 6), metric_config=name, **common))
-    for key, value in (results.get("frechet_distance") or {}).items():
+                                      metric_value=round(float(rg[key]), 6), metric_config=name, **common))
+    for key, value in (metrics.get("frechet_distance") or {}).items():
         if isinstance(value, (int, float)):
             out.append(EvalResult(metric_type="frechet_distance", metric_name=f"Frechet distance ({key})",
                                   metric_value=round(float(value), 6), metric_config=key, **common))
-    for key in ("diversity", "diversity_within"):
-        value = (results.get("diversity") or {}).get(key)
-        if isinstance(value, (int, float)):
+    for key, value in ((metrics.get("diversity") or {}).get("after") or {}).items():
+        if key.startswith("diversity") and not key.endswith("sem") and isinstance(value, (int, float)):
             out.append(EvalResult(metric_type=key, metric_name=key.replace("_", " "),
                                   metric_value=round(float(value), 6), **common))
     return out

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from trl_video.evaluation import video_features
 
 RESULTS = "out/dmalign_experiments"
 K = 4
@@ -89,30 +90,6 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> float:
     sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
     syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
     return float(sxx + syy - 2 * kxy.mean())
-
-
-def video_features(pix: torch.Tensor) -> torch.Tensor:
-    """13 interpretable statistics per decoded clip ``[B, 3, F, H, W]`` in [-1, 1] (a hand-made stand-in for the
-    I3D features of FVD, which need hub weights): object area and its change over time, object colour (3) and its
-    change, background level, mean object position (2) and displacement (2), spatial sharpness, frame difference."""
-    x = (pix.float().clamp(-1, 1) + 1) / 2
-    b, _, f, h, w = x.shape
-    sat = x.amax(1) - x.amin(1)  # [B, F, H, W]; world objects are saturated, backgrounds grey
-    m = torch.sigmoid((sat - 0.4) * 20)
-    msum = m.flatten(2).sum(-1) + 1e-3  # [B, F]
-    area_t = m.flatten(2).mean(-1)
-    col_t = (x * m[:, None]).flatten(3).sum(-1) / msum[:, None]  # [B, 3, F]
-    bg = (x.mean(1) * (1 - m)).flatten(1).sum(1) / ((1 - m).flatten(1).sum(1) + 1e-3)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
-    cx = (m * xx).flatten(2).sum(-1) / msum
-    cy = (m * yy).flatten(2).sum(-1) / msum
-    fr = torch.arange(f, dtype=torch.float32) - (f - 1) / 2
-    slope = lambda c: (c * fr).sum(-1) / fr.pow(2).sum() * (f - 1)  # noqa: E731
-    sharp = (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3, 4)) + (x[..., 1:] - x[..., :-1]).abs().mean(
-        (1, 2, 3, 4))
-    tdiff = (x[:, :, 1:] - x[:, :, :-1]).abs().mean((1, 2, 3, 4))
-    return torch.stack([area_t.mean(1), area_t.std(1), *col_t.mean(2).unbind(1), col_t.std(2).mean(1), bg,
-                        cx.mean(1), cy.mean(1), slope(cx), slope(cy), sharp, tdiff], 1).double()
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
