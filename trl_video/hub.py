@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def _tracker_url(trainer: Any, name: str) -> str | None:
 
 def build_model_card(*, base_model: str, model_name: str, repo_id: str | None, method: Any, reward: str, steps: int,
                      components: str, recipe: dict[str, Any], lora: bool, dataset: str | None = None,
-                     plugins: list[tuple[str, str]] = (), wandb_url: str | None = None,
+                     plugins: Sequence[tuple[str, str]] = (), wandb_url: str | None = None,
                      trackio_url: str | None = None) -> Any:
     """A ``huggingface_hub.ModelCard`` from TRL's ``generate_model_card`` for a trained video pipeline."""
     from trl.trainer.utils import generate_model_card

@@ -24,6 +24,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -78,10 +79,10 @@ class RecipeParser(TrlParser):
         # bounds (ge/gt/...) are ours, not argparse keywords; dict fields read a YAML mapping from the flag
         meta = {k: v for k, v in field.metadata.items() if k not in BOUNDS}
         field = copy.copy(field)
-        field.metadata = meta  # type: ignore[misc]
+        field.metadata = types.MappingProxyType(meta)
         if typing.get_origin(field.type) is dict:
             parser.add_argument(f"--{field.name}", f"--{field.name.replace('_', '-')}", type=_mapping,
-                                default=field.default_factory(), help=meta.get("help"))  # type: ignore[misc]
+                                default=field.default_factory(), help=meta.get("help"))  # type: ignore[misc,operator]
             return
         TrlParser._parse_dataclass_field(parser, field)
         if field.default is not dataclasses.MISSING and field.default is not None:
