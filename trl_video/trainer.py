@@ -508,6 +508,8 @@ class VideoRewardTrainer:
             torch.save({n: {"optimizer": o.state_dict(), "scheduler": self.schedulers[n].state_dict()}
                         for n, o in self.optimizers.items()}, tmp / "optimizers.pt")
             torch.save({n: e.state_dict() for n, e in self.ctx.ema.items()}, tmp / "ema.pt")
+            if self.scaler is not None:  # fp16: the loss scale and its growth tracker resume too
+                torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
             torch.save(self._component_states(), tmp / "components.pt")
             if self.policy.uses_lora:
                 from peft.utils import get_peft_model_state_dict
@@ -566,6 +568,8 @@ class VideoRewardTrainer:
             self.schedulers[n].load_state_dict(s["scheduler"])
         for n, s in torch.load(path / "ema.pt", weights_only=True).items():
             self.ctx.ema[n].load_state_dict(s)
+        if self.scaler is not None and (path / "scaler.pt").exists():
+            self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         comps = torch.load(path / "components.pt", weights_only=True)
         for kind in ("replay", "estimator", "loss", "sampler"):
             if kind in comps and hasattr(getattr(self, kind), "load_state_dict"):
