@@ -144,6 +144,19 @@ def test_fp16_logged_grad_norm_is_unscaled(tmp_path):
     assert m["grad_norm/policy"] == pytest.approx(want, rel=1e-5)
 
 
+def test_fp16_loss_scale_is_checkpointed(tmp_path):
+    cfg = small_config(tmp_path, loss="schedule_probe", mixed_precision="fp16", max_steps=1)
+    tr = VideoRewardTrainer(cfg, registry=probe_registry())
+    tr.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120, growth_interval=1)
+    tr.training_step()
+    tr.global_step = 1
+    tr.save_checkpoint()
+    again = VideoRewardTrainer(cfg, registry=probe_registry(), resume=True)
+    again.load_checkpoint(tmp_path / "run" / "checkpoint-1")
+    assert again.scaler.get_scale() == tr.scaler.get_scale() != 2.0 ** 16
+    assert again.scaler.state_dict() == tr.scaler.state_dict()
+
+
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_every_group_follows_its_schedule_across_repeats(tmp_path, kind):
     steps, warmup = 6, 2

@@ -586,6 +586,8 @@ class VideoRewardTrainer:
             save_file(tensors, str(tmp / "trainable.safetensors"))
             torch.save(optimizers, tmp / "optimizers.pt")
             torch.save(emas, tmp / "ema.pt")
+            if self.scaler is not None:  # fp16: the loss scale and its growth tracker resume too
+                torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
             torch.save(self._component_states(), tmp / "components.pt")
             if self.policy.uses_lora:
                 from peft.utils import get_peft_model_state_dict
@@ -643,6 +645,8 @@ class VideoRewardTrainer:
             self.schedulers[n].load_state_dict(s["scheduler"])
         for n, s in torch.load(path / "ema.pt", weights_only=True).items():
             sharding.load_ema_state_dict(self.ctx.ema[n], s)
+        if self.scaler is not None and (path / "scaler.pt").exists():
+            self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         comps = torch.load(path / "components.pt", weights_only=True)
         for kind in ("replay", "estimator", "loss", "sampler"):
             if kind in comps and hasattr(getattr(self, kind), "load_state_dict"):
