@@ -254,7 +254,8 @@ def test_dotted_path_reward_resolves(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize(("kind", "name", "package"), [("method", "fcrm", "vidrl-plugin-fcrm"),
                                                          ("method", "velr", "vidrl-plugin-velr"),
-                                                         ("reward", "lrm", "vidrl-plugin-velr")])
+                                                         ("reward", "lrm", "vidrl-plugin-velr"),
+                                                         ("method", "flow-grpo", "vidrl-plugin-rsm")])
 def test_component_from_uninstalled_plugin_says_what_to_install(kind: str, name: str, package: str) -> None:
     """The hint comes from the ``[tool.trl-video] provides`` table of the checkout's plugin pyprojects."""
     reg = build()

@@ -54,3 +54,16 @@ def test_bootstrap_se_of_the_mean_is_close_to_the_sem_and_keeps_pairs() -> None:
     # paired: the statistic of (x, x) resamples the same rows, so x - x is exactly 0 every time
     paired = bootstrap(lambda a, b: float((a - b).abs().max()), x, x.clone(), n=20)
     assert paired["se"] == 0.0 and paired["value"] == 0.0
+
+
+def test_frechet_distance_of_an_affine_image_has_the_closed_form() -> None:
+    """FD of b = c a + m (any covariance): |mu_b - mu_a|^2 + (1 - c)^2 Tr(S_a)."""
+    import pytest
+
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(400, 5, generator=g) @ torch.randn(5, 5, generator=g)).double()
+    m = torch.tensor([0.5, -1.0, 0.0, 2.0, 0.3], dtype=torch.float64)
+    for c in (1.0, 0.5, 2.0):
+        b = c * a + m
+        want = float((b.mean(0) - a.mean(0)).pow(2).sum() + (1 - c) ** 2 * torch.trace(torch.cov(a.T)))
+        assert frechet_distance(a, b) == pytest.approx(want, rel=1e-6, abs=1e-6)

@@ -148,11 +148,10 @@ def scaling_worker(argv: list[str]) -> int:
         return wrapper
 
     # sample + reward + estimator (per rank: its own slice of the prompts), backward, grad sync, metric reduction
-    trainer._fresh_rollouts = timed("rollouts", trainer._fresh_rollouts)
-    trainer._backward = timed("backward", trainer._backward)
-    trainer._sync_gradients = timed("grad_sync", trainer._sync_gradients)
-    trainer._reduce_metrics = timed("metrics", trainer._reduce_metrics)
-    trainer.loss.compute = timed("loss", trainer.loss.compute)
+    for obj, attr, part in ((trainer, "_fresh_rollouts", "rollouts"), (trainer, "_backward", "backward"),
+                            (trainer, "_sync_gradients", "grad_sync"), (trainer, "_reduce_metrics", "metrics"),
+                            (trainer.loss, "compute", "loss")):
+        setattr(obj, attr, timed(part, getattr(obj, attr)))
     ready = time.time() - a["launched"]
     steps, parts = [], []
     for i in range(a["warmup"] + a["steps"]):

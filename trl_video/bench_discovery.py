@@ -4,8 +4,9 @@ Experiment drivers, toy studies and paper-reproduction benches live outside the 
 top-level ``benchmarks/`` tree of the repository. Each ``benchmarks/<method>/bench.py`` declares
 
     BENCHMARKS = {"compare": compare_main, ...}   # name -> function(argv: list[str]) -> int
+    BENCHMARK_ALIASES = {"velr-compare": "compare"}  # optional: former names
 
-The names are read from the file without importing it (so a broken benchmark never slows down or stops
+registered as ``<method>.<name>``. The names are read from the file without importing it (so a broken benchmark never slows down or stops
 ``trl-video train``); the module is imported, as ``trl_video_benchmarks.<method>.bench``, when a benchmark
 runs. The folder is found next to the source tree of an editable / checkout install, or wherever
 ``TRL_VIDEO_BENCHMARKS`` points; a wheel install has none (``trl-video bench`` says where they are).
@@ -20,6 +21,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -34,9 +36,7 @@ BenchFn = Callable[[list[str]], int]
 def benchmarks_root() -> Path | None:
     """``$TRL_VIDEO_BENCHMARKS``, else ``benchmarks/`` beside the source tree of a checkout install."""
     env = os.environ.get(BENCHMARKS_ENV)
-    if env:
-        return Path(env).resolve()
-    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    root = Path(env).resolve() if env else Path(__file__).resolve().parents[1] / "benchmarks"
     return root if root.is_dir() else None
 
 
@@ -64,26 +64,37 @@ def import_benchmark(method: str, module: str = "bench") -> ModuleType:
     return importlib.import_module(f"{PACKAGE}.{method}.{module}")
 
 
-def declared_benchmarks(bench_file: Path) -> dict[str, str]:
-    """``BENCHMARKS = {"name": function, ...}`` of a bench.py, read without importing it: name -> function name."""
-    tree = ast.parse(bench_file.read_text(), str(bench_file))
+def _literal_dict(tree: ast.Module, var: str) -> ast.Dict | None:
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "BENCHMARKS"
-                                                for t in node.targets):
-            value = node.value
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "BENCHMARKS":
-            value = node.value  # type: ignore[assignment]
-        else:
-            continue
-        if not isinstance(value, ast.Dict):
-            raise ValueError("BENCHMARKS must be a dict literal {name: function}")
-        out = {}
-        for k, v in zip(value.keys, value.values):
-            if not (isinstance(k, ast.Constant) and isinstance(k.value, str) and isinstance(v, ast.Name)):
-                raise ValueError("BENCHMARKS entries must be \"name\": function")
-            out[k.value] = v.id
-        return out
-    raise ValueError("no BENCHMARKS mapping")
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) \
+            else []
+        if any(isinstance(t, ast.Name) and t.id == var for t in targets):
+            value = getattr(node, "value", None)
+            if not isinstance(value, ast.Dict):
+                raise ValueError(f"{var} must be a dict literal")
+            return value
+    return None
+
+
+def declared_benchmarks(bench_file: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """``BENCHMARKS = {"name": function, ...}`` and the optional ``BENCHMARK_ALIASES = {"old": "name"}`` of a
+    bench.py, read without importing it: (name -> function name, alias -> name)."""
+    tree = ast.parse(bench_file.read_text(), str(bench_file))
+    table = _literal_dict(tree, "BENCHMARKS")
+    if table is None:
+        raise ValueError("no BENCHMARKS mapping")
+    names = {}
+    for k, v in zip(table.keys, table.values):
+        if not (isinstance(k, ast.Constant) and isinstance(k.value, str) and isinstance(v, ast.Name)):
+            raise ValueError('BENCHMARKS entries must be "name": function')
+        names[k.value] = v.id
+    aliases = {}
+    alias_table = _literal_dict(tree, "BENCHMARK_ALIASES")
+    for k, v in zip(alias_table.keys, alias_table.values) if alias_table is not None else ():
+        if not (isinstance(k, ast.Constant) and isinstance(v, ast.Constant) and v.value in names):
+            raise ValueError("BENCHMARK_ALIASES entries must be \"old name\": \"a BENCHMARKS name\"")
+        aliases[str(k.value)] = str(v.value)
+    return names, aliases
 
 
 def _lazy(method: str, function: str) -> BenchFn:
@@ -96,21 +107,29 @@ def _lazy(method: str, function: str) -> BenchFn:
     return run
 
 
-def discover_benchmarks(broken: dict[str, str] | None = None) -> list[tuple[str, BenchFn, str]]:
-    """``(method.name, function, "benchmarks/<method>")`` for every declared benchmark; a folder whose
-    bench.py cannot be read is reported in ``broken`` and skipped."""
+@dataclass
+class FolderBenchmark:
+    method: str  # the folder name: benchmarks/<method>/
+    name: str  # registered as <method>.<name>
+    fn: BenchFn
+    aliases: list[str]
+
+
+def discover_benchmarks(broken: dict[str, str] | None = None) -> list[FolderBenchmark]:
+    """Every benchmark declared in ``benchmarks/*/bench.py``; a folder whose bench.py cannot be read is reported
+    in ``broken`` and skipped."""
     root = benchmarks_root()
     if root is None:
         return []
     out = []
     for bench_file in sorted(root.glob("*/bench.py")):
         method = bench_file.parent.name
-        where = f"benchmarks/{method}"
         try:
-            names = declared_benchmarks(bench_file)
+            names, aliases = declared_benchmarks(bench_file)
         except (OSError, SyntaxError, ValueError) as exc:
             if broken is not None:
-                broken[where] = f"{where}/bench.py: {type(exc).__name__}: {exc}"
+                broken[f"benchmarks/{method}"] = f"benchmarks/{method}/bench.py: {type(exc).__name__}: {exc}"
             continue
-        out += [(f"{method}.{name}", _lazy(method, fn), where) for name, fn in names.items()]
+        out += [FolderBenchmark(method, name, _lazy(method, fn), [a for a, n in aliases.items() if n == name])
+                for name, fn in names.items()]
     return out

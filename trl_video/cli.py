@@ -213,7 +213,7 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     from .plugins import get_registry
 
     reg = get_registry()
-    if not args.name:
+    if not args.name or args.name in ("-h", "--help"):
         for info in reg.items("bench"):
             print(f"  {info.name:<28} {info.distribution} {info.version}".rstrip())
         root = benchmarks_root()
@@ -229,11 +229,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .pretrain import run_pretrain
+def cmd_pretrain(args: argparse.Namespace, rest: list[str]) -> int:
+    """Asset building lives in the repository (benchmarks/assets), out of the installed package."""
+    from .plugins import get_registry
 
-    run_pretrain(args)
-    return 0
+    return int(get_registry().get("bench", "assets.pretrain").obj(rest) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,15 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .memory_plan import add_plan_arguments
 
     add_plan_arguments(pl)
-    b = sub.add_parser("bench", help="benchmarks (trl-video bench overhead, ...)")
+    # no -h of its own: `trl-video bench NAME --help` reaches the benchmark's parser; `trl-video bench` lists them
+    b = sub.add_parser("bench", add_help=False, help="benchmarks (trl-video bench overhead, ...; no name: list them)")
     b.add_argument("name", nargs="?", help="a benchmark (no name: list them)")
-    pt = sub.add_parser("pretrain", help="reproduce the embedded tiny base models")
-    try:
-        from .pretrain import add_pretrain_arguments
-
-        add_pretrain_arguments(pt)
-    except ImportError:
-        pass
+    sub.add_parser("pretrain", add_help=False,
+                   help="reproduce the embedded tiny base models (from a checkout: benchmarks/assets)")
     return ap
 
 
@@ -297,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("bench", "train"):
+    if rest and args.command not in ("bench", "train", "pretrain"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "bench":
@@ -306,9 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             with warnings.catch_warnings():
                 warnings.showwarning = _one_line_warning
                 return cmd_train(argv[argv.index("train") + 1:])
+        if args.command == "pretrain":
+            return cmd_pretrain(args, rest)
         return {"plugins": cmd_plugins, "eval": cmd_eval, "encode": cmd_encode,
                 "encode-prompts": cmd_encode_prompts,
-                "push": cmd_push, "pretrain": cmd_pretrain, "plan": cmd_plan}[args.command](args)
+                "push": cmd_push, "plan": cmd_plan}[args.command](args)
     except TrlVideoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import operator
 import types
 import typing
@@ -39,7 +40,7 @@ def doc_field(default: Any, help: str, **kw: Any) -> Any:
     ``kw``: numeric bounds (``ge``, ``gt``, ``le``, ``lt``; checked by :meth:`ConfigBase.validate`, ``None``
     values skip them) or further argparse keywords (``aliases``, ``metavar``)."""
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})  # type: ignore[misc]
+        return field(default_factory=functools.partial(copy.copy, default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 

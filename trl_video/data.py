@@ -93,7 +93,7 @@ class PromptSampler:
         self.order: list[int] = []
 
     def next(self, n: int) -> tuple[list[str], list[int]]:
-        out = []
+        out: list[int] = []
         while len(out) < n:
             if not self.order:
                 self.order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
@@ -150,17 +150,19 @@ class OfflineLatents:
         self.generator = torch.Generator().manual_seed(seed + 17)
         self.order: list[int] = []
         self.epoch = 0
+        self.drawn = 0  # rows handed out (all processes) since this object was built
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def _next_indices(self, n: int) -> list[int]:
-        out = []
+        out: list[int] = []
         while len(out) < n:
             if not self.order:
                 self.order = torch.randperm(len(self.ds), generator=self.generator).tolist()
                 self.epoch += 1
             out.append(self.order.pop())
+        self.drawn += n
         return out
 
     def next_batch(self, ctx: Any, n: int) -> Rollouts:

@@ -13,6 +13,7 @@ gradients in its backward hooks.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ def is_sharded(param: torch.Tensor) -> bool:
 
 
 def all_reduce_gradients(params: Iterable[nn.Parameter], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                         group: object = None, skip: Callable[[torch.Tensor], bool] = is_sharded) -> int:
+                         group: Any = None, skip: Callable[[torch.Tensor], bool] = is_sharded) -> int:
     """Average ``p.grad`` over the ranks of ``group`` in place; returns the number of collectives issued.
 
     Every rank must pass the same parameters in the same order (the trainer passes a group's parameters).

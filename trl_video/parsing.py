@@ -65,7 +65,7 @@ class RecipeParser(TrlParser):
     errors raise :class:`~trl_video.errors.TrlVideoError`."""
 
     def __init__(self, prog: str = "trl-video train") -> None:
-        super().__init__(VideoRewardConfig, prog=prog, allow_abbrev=False,
+        super().__init__(VideoRewardConfig, prog=prog, allow_abbrev=False,  # type: ignore[arg-type]
                          description="Train from a YAML recipe; every recipe key is also a flag (flags win).")
         self.add_argument("--recipe", "--config", dest="recipe", metavar="R.yaml",
                           help="YAML mapping of the fields below (TRL's --config)")

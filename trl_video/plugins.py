@@ -224,8 +224,11 @@ class Registry:
         if benchmark_dirs:
             from .bench_discovery import discover_benchmarks
 
-            for name, fn, where in discover_benchmarks(self.broken):
-                self._add(ComponentInfo("bench", name, fn, where, "", name.split(".")[0]))
+            for bench in discover_benchmarks(self.broken):
+                self._add(ComponentInfo("bench", bench.name, bench.fn, f"benchmarks/{bench.method}", "",
+                                        bench.method))
+                for alias in bench.aliases:
+                    self._aliases.setdefault(alias, f"{bench.method}.{bench.name}")
         self._report_unknown_disabled()
 
     def _report_unknown_disabled(self) -> None:
@@ -290,6 +293,10 @@ class Registry:
         hint = _install_hint(kind, name)
         if hint:
             msg += hint
+        elif kind == "bench" and "." in name:
+            from .bench_discovery import REPOSITORY_HINT, benchmarks_root
+
+            msg += f" ({REPOSITORY_HINT})" if benchmarks_root() is None else f"; available: {', '.join(self.names(kind))}"
         else:
             close = difflib.get_close_matches(name, self.names(kind), n=1)
             msg += f"; did you mean '{close[0]}'?" if close else f"; available: {', '.join(self.names(kind)) or 'none'}"

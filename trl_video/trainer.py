@@ -334,9 +334,9 @@ class VideoRewardTrainer:
         self._sync_gradients(params)
         g, opt = self.groups[name], self.optimizers[name]
         has_grad = any(p.grad is not None for p in params)
-        scaled = self.scaler is not None and has_grad
-        if scaled:
-            self.scaler.unscale_(opt)
+        scaler = self.scaler if has_grad else None
+        if scaler is not None:
+            scaler.unscale_(opt)
         max_norm = g.max_grad_norm if g.max_grad_norm is not None else self.config.max_grad_norm
         if has_grad and max_norm and max_norm > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -345,8 +345,8 @@ class VideoRewardTrainer:
         else:
             norm = 0.0
         skipped = False
-        if scaled:
-            self.scaler.step(opt)  # skips the update when unscale_ found inf/nan
+        if scaler is not None:
+            scaler.step(opt)  # skips the update when unscale_ found inf/nan
             skipped = not np.isfinite(norm)
         else:
             opt.step()
@@ -386,6 +386,7 @@ class VideoRewardTrainer:
         fresh = None
         if self.replay.needs_rollouts:
             fresh = self._fresh_rollouts()
+            assert fresh.rewards is not None
             stats["reward"].append(fresh.rewards.detach())
             self.replay.update(self.ctx, fresh)
         batch = self.replay.sample(self.ctx, fresh)
@@ -613,7 +614,7 @@ class VideoRewardTrainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def _rng_state(self) -> dict[str, Any]:
-        np_state = np.random.get_state()
+        np_state: Any = np.random.get_state()
         return {"torch": torch.get_rng_state(), "generator": self.ctx.generator.get_state(),
                 "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
                 "python": json.dumps(random.getstate())}

@@ -24,6 +24,8 @@ import vidrl_plugin_reward_forcing  # noqa: F401  (registers the causal model cl
 import yaml
 from torch import Tensor
 
+from trl_video.bench_discovery import import_benchmark
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 RESULTS = HERE / "results"
@@ -61,7 +63,7 @@ def _ema_weights(trainer: Any) -> None:
 
 
 def _heldout_items(seeds: int):
-    from trl_video.pretrain import _eval_items
+    _eval_items = import_benchmark("assets", "pretrain")._eval_items  # the asset builder's helpers
 
     return _eval_items("heldout", seeds)
 
@@ -86,7 +88,7 @@ def student_videos(policy: Any, prompts: list[str], seeds: list[int], num_steps:
 
 @torch.no_grad()
 def teacher_videos(policy: Any, prompts: list[str], seeds: list[int], num_steps: int = 20) -> Tensor:
-    from trl_video.pretrain import sample_videos
+    sample_videos = import_benchmark("assets", "pretrain").sample_videos  # the asset builder's helpers
 
     return sample_videos(policy, prompts, seeds, steps=num_steps)
 
@@ -153,7 +155,7 @@ def run_ode(a: argparse.Namespace) -> int:
     from vidrl_plugin_reward_forcing.ode import build_ode_dataset
 
     from trl_video.models.policy import load_policy
-    from trl_video.pretrain import score_videos
+    score_videos = import_benchmark("assets", "pretrain").score_videos  # the asset builder's helpers
     from trl_video.world import Caption
 
     if not ODE_DATA.exists():
@@ -211,7 +213,7 @@ def run_ode(a: argparse.Namespace) -> int:
                                        "world_truth": round(float(motion(truth).mean()), 5)},
     }
     _save("ode_init", res)
-    from trl_video.pretrain import save_sample_grid
+    save_sample_grid = import_benchmark("assets", "pretrain").save_sample_grid  # the asset builder's helpers
 
     save_sample_grid(RESULTS / "ode_init_student.png", vids_student, caps, "causal student after ODE init (4 steps/chunk)")
     save_sample_grid(RESULTS / "ode_init_teacher.png", vids_teacher, caps, "bidirectional teacher (20 steps)")

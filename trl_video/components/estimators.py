@@ -75,6 +75,8 @@ class BatchNormalized(BaseEstimator):
         self.eps = eps
 
     def __call__(self, ctx: TrainContext, batch: Rollouts) -> Rollouts:
+        if batch.rewards is None:
+            return batch
         r = batch.rewards.detach().float()
         all_r = ctx.gather(r)
         return batch.with_(advantages=(r - all_r.mean()) / (all_r.std(unbiased=False) + self.eps))

@@ -77,6 +77,7 @@ class FIFOReplay(FreshReplay):
             if fresh is None:
                 raise TrlVideoError("replay buffer is empty and there are no fresh rollouts")
             return fresh
+        assert self.rewards is not None and self.advantages is not None
         idx = torch.randint(len(self), (n,), generator=ctx.generator)
         lat = self.latents[idx].to(ctx.device)  # type: ignore[index]
         prompts = [self.prompts[i] for i in idx.tolist()]

@@ -134,7 +134,7 @@ class CallableReward(Reward):
                  differentiable: bool | None = None):
         self.fn = fn
         self.name = name
-        self.space = space or getattr(fn, "space", "pixel")
+        self.space = str(space or getattr(fn, "space", "pixel"))
         self.differentiable = differentiable if differentiable is not None else getattr(fn, "differentiable", False)
 
     def __call__(self, inputs: Tensor, prompts: list[str]) -> Tensor:

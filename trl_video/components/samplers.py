@@ -255,7 +255,7 @@ class BranchSampler(ODESampler):
         # every member of a group starts from its group's noise, seeded by (seed, step, group id) so that
         # members on different processes share it too
         shape = ctx.policy.latent_shape
-        self._noise = torch.stack([
+        self._noise: Tensor | None = torch.stack([
             torch.randn(*shape, generator=torch.Generator().manual_seed(
                 (ctx.config.seed * 1_000_003 + ctx.step) * 10_007 + int(gid)))
             for gid in group_ids.tolist()]).to(ctx.device)

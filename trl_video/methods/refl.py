@@ -64,13 +64,15 @@ class ReFLLoss(BaseLoss):
     def phases(self, step: int) -> list[Phase]:
         return [Phase("policy")]
 
-    def compute(self, ctx: TrainContext, phase: Phase, batch: Rollouts) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute(self, ctx: TrainContext, phase: Phase, batch: Rollouts | None) -> tuple[torch.Tensor, dict[str, float]]:
+        assert batch is not None  # the policy phase uses this step's rollouts
         rewards = batch.rewards
         if rewards is None or not rewards.requires_grad:
             raise TrlVideoError("refl: rewards carry no gradient (is the sampler 'window' and the reward differentiable?)")
         loss = -self.cfg.reward_scale * rewards.mean()
         metrics = {"reward_term": float(rewards.detach().mean())}
         if self.cfg.kl_weight > 0:
+            assert batch.prompt_embeds is not None
             kl = anchor_mse(ctx, batch.latents, batch.prompt_embeds, self.cfg.kl_timesteps).mean()
             loss = loss + self.cfg.kl_weight * kl
             metrics["kl"] = float(kl.detach())

@@ -30,6 +30,11 @@ FAMILIES = {
 class VideoPolicy(nn.Module):
     """Everything a method needs from the video model, independent of the family."""
 
+    # diffusers / transformers modules: their configs and methods are untyped (nn.Module.__getattr__ otherwise)
+    transformer: Any
+    vae: Any
+    text_encoder: Any
+
     def __init__(self, family: str, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module,
                  tokenizer: Any, scheduler: Any, *, num_frames: int, height: int, width: int,
                  max_text_len: int, source: str = ""):

@@ -3,6 +3,8 @@ and a tiny (UM)T5 encoder built from config. Real models use their own tokenizer
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import PreTrainedTokenizerFast
 
@@ -26,8 +28,8 @@ def build_text_encoder(family: str, vocab_size: int, d_model: int = 32, seed: in
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
-    kw = dict(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-              relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
+    kw: dict[str, Any] = dict(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                              relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
     if family == "wan":
         return UMT5EncoderModel(UMT5Config(**kw)).eval()
     return T5EncoderModel(T5Config(**kw)).eval()

@@ -9,9 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from trl_video.bench_discovery import import_benchmark
 from trl_video.components.base import TrainContext
 
-from vidrl_plugin_dmalign.toy import ToyPolicy
+ToyPolicy = import_benchmark("dmalign", "toy").ToyPolicy  # the toy study's stand-in policy (benchmarks/dmalign)
 
 torch.set_num_threads(1)  # the CI machine is shared; 1 thread is faster than 2 contended ones
 

@@ -1,5 +1,6 @@
 """DM-Align for trl-video: one-stage DMD distillation of a multi-step teacher into a K-step generator,
-jointly aligned with DM-PairLoss (preferred latents) or DM-GroupLoss (reward-ranked groups)."""
+jointly aligned with DM-PairLoss (preferred latents) or DM-GroupLoss (reward-ranked groups). Its experiments are in
+the repository's ``benchmarks/dmalign`` (``trl-video bench dmalign.experiments <what>``)."""
 
 from trl_video import hookimpl
 from trl_video.plugins import MethodSpec
@@ -40,9 +41,3 @@ def trl_video_register_methods(register):
 def trl_video_register_losses(register):
     register("dmalign", DMAlignLoss)
 
-
-@hookimpl
-def trl_video_register_benchmarks(register):
-    from .experiments import bench_main
-
-    register("dmalign", bench_main)

@@ -1,6 +1,7 @@
 """vidrl-plugin-fcrm: FCRM (Forward-Consistent Reward Matching) for trl-video.
 
-Registers the method ``fcrm`` (MethodSpec), the loss ``fcrm`` and the benchmark ``trl-video bench fcrm``.
+Registers the method ``fcrm`` (MethodSpec) and the loss ``fcrm``; its experiments are in the repository's
+``benchmarks/fcrm`` (``trl-video bench fcrm.settings``, ``fcrm.lightness``, ``fcrm.build-offline``).
 The behaviour distributions are the core's components: samplers ``ode``/``sde``/``fewstep`` (``behaviour:
 ema`` with ``ema_decay``), replay ``fresh``/``fifo``/``offline`` (+ ``offline_latents`` for the hybrid).
 """
@@ -40,9 +41,3 @@ def trl_video_register_methods(register):
 def trl_video_register_losses(register):
     register("fcrm", FCRMLoss)
 
-
-@hookimpl
-def trl_video_register_benchmarks(register):
-    from .bench import bench_fcrm
-
-    register("fcrm", bench_fcrm)

@@ -3,7 +3,8 @@
 Registers the loss ``rsm`` and the methods ``rsm``, ``flow-grpo``, ``flow-grpo-fast``, ``dance-grpo``,
 ``mix-grpo``, ``tempflow-grpo``, ``branch-grpo`` and the paper's redesigns ``rsm-zo`` (zeroth order: fair
 clipping, reallocated branching) and ``rsm-rsd`` (first order: reward score distillation). The samplers are the
-core's (``sde`` with ``kind: flow_grpo | dance_grpo``, ``branch``, ``ode``).
+core's (``sde`` with ``kind: flow_grpo | dance_grpo``, ``branch``, ``ode``). Its studies are in the repository's
+``benchmarks/rsm`` (``trl-video bench rsm.estimators``, ``rsm.grpo``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,3 @@ def trl_video_register_methods(register):
 @hookimpl
 def trl_video_register_losses(register):
     register("rsm", RSMLoss)
-
-
-@hookimpl
-def trl_video_register_benchmarks(register):
-    from .bench import bench_estimators, bench_grpo
-
-    register("rsm-estimators", bench_estimators)
-    register("rsm-grpo", bench_grpo)

@@ -3,7 +3,6 @@
 pre-training commands."""
 
 import copy
-import json
 
 import pytest
 import torch
@@ -131,20 +130,6 @@ def test_lrm_as_reward_of_another_method(cog_policy, tmp_path):
     tr.train()
     assert tr.history[-1]["reward_mean"] == tr.history[-1]["reward_mean"]
     assert any(not torch.equal(v, dict(tr.policy.transformer.named_parameters())[k]) for k, v in pol0.items())
-
-
-def test_build_dataset_and_pretrain(cog_policy, tmp_path):
-    from vidrl_plugin_velr.bench import build_dataset, pretrain
-
-    meta = build_dataset("tiny-cogvideox-random", str(tmp_path / "ds"), n_world=6, n_policy=2, num_steps=2,
-                         policy=cog_policy, batch=8)
-    assert set(meta["reward_mean"]) == {"world", "policy"}
-    rep = pretrain(str(tmp_path / "ds"), str(tmp_path / "lrm"), members=3, epochs=2, lr=1e-3, batch=4,
-                   widths=(8, 8, 16), heads=2, layers=1, policy=cog_policy, log_every=100)
-    assert len(rep["heldout"]["members"]) == 3 and set(rep["heldout"]["ensembles"]) == {"1", "3"}
-    assert rep["history"][-1]["train_huber"] < rep["history"][0]["train_huber"] * 5
-    cfg = json.loads((tmp_path / "lrm" / "lrm_config.json").read_text())
-    assert cfg["text_model"] == "tiny-cogvideox-random" and len(cfg["heldout_indices"]) == 2
 
 
 def test_config_validation():

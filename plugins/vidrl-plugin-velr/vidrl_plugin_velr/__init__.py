@@ -1,8 +1,9 @@
 """VELR for trl-video: ensemble latent reward models, truncated mid-step ReFL and online LRM alignment.
 
-Registers the method ``velr``, its loss ``velr``, the sampler ``velr_window``, the reward ``lrm`` (a trained
-ensemble as a differentiable latent-space reward any method can use) and the benchmarks
-``velr-build-dataset``, ``velr-pretrain``, ``velr-eval-lrm``, ``velr-compare`` and ``memory``.
+Registers the method ``velr``, its loss ``velr``, the sampler ``velr_window`` and the reward ``lrm`` (a trained
+ensemble as a differentiable latent-space reward any method can use). Building the LRM dataset, pre-training the
+ensemble and the paper's measurements are benchmarks of the repository (``benchmarks/velr``:
+``trl-video bench velr.build-dataset``, ``velr.pretrain``, ``velr.eval-lrm``, ``velr.compare``, ``velr.memory``).
 """
 
 from __future__ import annotations
@@ -50,13 +51,3 @@ def trl_video_register_samplers(register):
 def trl_video_register_rewards(register):
     register("lrm", LRMReward)
 
-
-@hookimpl
-def trl_video_register_benchmarks(register):
-    from . import bench
-
-    register("velr-build-dataset", bench.build_dataset_main)
-    register("velr-pretrain", bench.pretrain_main)
-    register("velr-eval-lrm", bench.eval_lrm_main)
-    register("velr-compare", bench.compare_main)
-    register("memory", bench.memory_main)

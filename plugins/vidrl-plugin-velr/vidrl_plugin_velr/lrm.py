@@ -202,7 +202,7 @@ class LRMReward:
     """``reward: lrm`` — a (trained) ensemble latent reward model as a differentiable latent-space reward.
 
     Args:
-        path: folder written by :meth:`save` (``trl-video bench velr-pretrain``); if omitted the ensemble
+        path: folder written by :meth:`save` (``trl-video bench velr.pretrain` (benchmarks/velr of the repository)`); if omitted the ensemble
             is built with random weights when the shapes are known (VELR's loss does it; warns).
         aggregation: mean | min | max over the members (paper Eq. 7).
         members, widths, heads, layers, seed: architecture of a freshly built ensemble.
@@ -263,7 +263,7 @@ class LRMReward:
         p = Path(path).expanduser()
         if not (p / "lrm_config.json").exists():
             raise FileNotFoundError(f"lrm: '{p}' holds no lrm_config.json (train one with "
-                                    f"`trl-video bench velr-pretrain`)")
+                                    f"`trl-video bench velr.pretrain` (benchmarks/velr of the repository))")
         cfg = json.loads((p / "lrm_config.json").read_text())
         self.arch = cfg["arch"]
         self.meta = {k: v for k, v in cfg.items() if k not in ("arch", "aggregation")}

@@ -4,9 +4,9 @@
 #     pip install torch==2.13.0                      # (or the torch build for your CUDA)
 #     pip install --find-links WHEELHOUSE vidrl-plugin-dmalign
 # installs the plugin with the core as its dependency (the core's own dependencies come from PyPI).
-# Usage: plugins/vidrl-plugin-dmalign/scripts/build_wheelhouse.sh [WHEELHOUSE]   (default: <repo>/wheelhouse)
+# Usage: scripts/build_wheelhouse.sh [WHEELHOUSE]   (default: <repo>/wheelhouse)
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WHEELHOUSE="$(mkdir -p "${1:-$ROOT/wheelhouse}" && cd "${1:-$ROOT/wheelhouse}" && pwd)"
 PY="${PYTHON:-python3}"
 projects=("$ROOT")

@@ -1,12 +1,13 @@
-"""VELR commands, registered as ``trl-video bench <name>`` (the core CLI's only plugin subcommand hook):
+"""VELR benchmarks (``benchmarks/velr``, from a checkout), ``trl-video bench velr.<name>`` (the former names
+``velr-build-dataset``, ``velr-pretrain``, ``velr-eval-lrm``, ``velr-compare`` and ``memory`` still work):
 
-* ``velr-build-dataset``: (latent, prompt, pixel reward) HF dataset from synthetic world clips encoded with
+* ``build-dataset``: (latent, prompt, pixel reward) HF dataset from synthetic world clips encoded with
   the policy's VAE plus the policy's own samples; the reward is a pixel reward on the DECODED latents.
-* ``velr-pretrain``: Huber pre-training of the ensemble (each member on its own shuffles); MSE / Pearson per
+* ``pretrain``: Huber pre-training of the ensemble (each member on its own shuffles); MSE / Pearson per
   member and for the ensemble on a held-out split, and the paper-Table-3-style row for 1/3/5/10 members.
-* ``velr-eval-lrm``: the same table for a saved LRM, and the ensemble variance in-distribution vs on
+* ``eval-lrm``: the same table for a saved LRM, and the ensemble variance in-distribution vs on
   out-of-distribution latents (re-noised latents, pure noise, held-out-caption clips, another model's samples).
-* ``velr-compare``: two short VELR runs, online alignment on vs off: LRM-vs-true reward gap curves and the
+* ``compare``: two short VELR runs, online alignment on vs off: LRM-vs-true reward gap curves and the
   TRUE pixel reward before/after (decoded, scored at evaluation).
 * ``memory``: peak memory of one VELR step vs one pixel-space ReFL step (the core's ``refl``), each in a
   fresh subprocess (torch.profiler ``profile_memory`` peak of the step + ru_maxrss growth), and the ratio.
@@ -29,8 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from .lrm import LRMReward, aggregate, huber_loss, last_token, member_variance, pearson
+from vidrl_plugin_velr.lrm import LRMReward, aggregate, huber_loss, last_token, member_variance, pearson
 
 DATASET_META = "velr_dataset.json"
 
@@ -45,21 +45,18 @@ def truncated_x0_samples(policy: Any, prompts: list[str], seeds: list[int], num_
                          end_range: tuple[float, float] = (0.4, 0.7), batch: int = 16) -> torch.Tensor:
     """What VELR's sampler hands the LRM: ODE down to a random step ``t_end`` (a fraction of the grid drawn in
     ``end_range`` per batch), then a one-shot x0 prediction."""
-    sch, grid = policy.schedule, policy.schedule.timesteps(num_steps)
+    from trl_video.sampling import ode_sample, sample_batched
+
+    grid = policy.schedule.timesteps(num_steps)
     g = torch.Generator().manual_seed(int(seeds[0]) if seeds else 0)
-    out = []
-    for i in range(0, len(prompts), batch):
-        ps, ss = prompts[i:i + batch], seeds[i:i + batch]
-        x = torch.stack([torch.randn(*policy.latent_shape, generator=torch.Generator().manual_seed(s)) for s in ss])
-        emb, _ = policy.encode_prompts(ps)
-        lo, hi = int(end_range[0] * num_steps), int(end_range[1] * num_steps)
-        end = int(torch.randint(lo, hi + 1, (1,), generator=g))
-        for k in range(end):
-            t = grid[k].expand(len(ps))
-            n = policy.predict(x, t, emb)
-            x, _ = sch.ddim_step(sch.to_x0(n, x, t), sch.to_eps(n, x, t), grid[k], grid[k + 1])
-        out.append(policy.predict_x0(x, grid[end].expand(len(ps)), emb))
-    return torch.cat(out)
+    lo, hi = int(end_range[0] * num_steps), int(end_range[1] * num_steps)
+
+    def truncated(x: torch.Tensor, emb: torch.Tensor, _seeds: list[int]) -> torch.Tensor:
+        end = int(torch.randint(lo, hi + 1, (1,), generator=g))  # one t_end per batch
+        x = ode_sample(policy, x, emb, grid, end=end)
+        return policy.predict_x0(x, grid[end].expand(len(x)), emb)
+
+    return sample_batched(policy, prompts, seeds, truncated, batch)
 
 
 def build_dataset(model: str, out: str, n_world: int = 256, n_policy: int = 256, num_steps: int = 20,
@@ -114,7 +111,7 @@ def build_dataset(model: str, out: str, n_world: int = 256, n_policy: int = 256,
 
 
 def build_dataset_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="trl-video bench velr-build-dataset",
+    ap = argparse.ArgumentParser(prog="trl-video bench velr.build-dataset",
                                  description="Build the LRM pre-training dataset (latent, prompt, pixel reward).")
     ap.add_argument("--model", default="tiny-cogvideox")
     ap.add_argument("--out", required=True)
@@ -235,7 +232,7 @@ def pretrain(data: str, out: str, members: int = 10, epochs: int = 20, lr: float
 
 
 def pretrain_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="trl-video bench velr-pretrain",
+    ap = argparse.ArgumentParser(prog="trl-video bench velr.pretrain",
                                  description="Pre-train the ensemble LRM with the Huber loss (paper Eq. 6).")
     ap.add_argument("--data", required=True, help="folder written by velr-build-dataset")
     ap.add_argument("--out", required=True, help="LRM folder (reward_args {path: ...})")
@@ -305,7 +302,7 @@ def eval_lrm(lrm_path: str, data: str | None = None, ood_model: str | None = Non
 
 
 def eval_lrm_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="trl-video bench velr-eval-lrm",
+    ap = argparse.ArgumentParser(prog="trl-video bench velr.eval-lrm",
                                  description="Ensemble-size table and in- vs out-of-distribution variance.")
     ap.add_argument("--lrm", required=True)
     ap.add_argument("--data", help="default: the dataset the LRM was trained on (its held-out split)")
@@ -385,7 +382,7 @@ def _plot_compare(results: dict[str, Any], path: Path) -> None:
 
 
 def compare_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="trl-video bench velr-compare",
+    ap = argparse.ArgumentParser(prog="trl-video bench velr.compare",
                                  description="VELR with online LRM alignment on vs off (gap curves, true reward).")
     ap.add_argument("--lrm", required=True)
     ap.add_argument("--model", default="tiny-cogvideox")
@@ -454,7 +451,8 @@ def measure_memory(variant: str, **spec: Any) -> dict[str, Any]:
     """Run :func:`_memory_child` in a fresh interpreter (glibc keeps freed pages: no reuse across variants)."""
     spec = {"variant": variant, **spec}
     env = dict(os.environ, TRL_VIDEO_VELR_MEMSPEC=json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-m", "vidrl_plugin_velr.bench"], env=env, capture_output=True,
+    child = "from trl_video.bench_discovery import import_benchmark; import_benchmark('velr').memory_child_main()"
+    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True,
                           text=True, timeout=3600)
     line = [x for x in proc.stdout.splitlines() if x.startswith("VELR_MEMORY ")]
     if proc.returncode or not line:
@@ -463,7 +461,7 @@ def measure_memory(variant: str, **spec: Any) -> dict[str, Any]:
 
 
 def memory_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="trl-video bench memory",
+    ap = argparse.ArgumentParser(prog="trl-video bench velr.memory",
                                  description="Peak memory of one VELR step vs one pixel-space ReFL step "
                                              "(decode + pixel reward with grad), same model and batch, each in a "
                                              "fresh subprocess.")
@@ -493,7 +491,12 @@ def memory_main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    spec_env = os.environ.get("TRL_VIDEO_VELR_MEMSPEC")
-    if spec_env:
-        print("VELR_MEMORY " + json.dumps(_memory_child(json.loads(spec_env))), flush=True)
+def memory_child_main() -> None:
+    """The fresh interpreter of :func:`measure_memory`."""
+    print("VELR_MEMORY " + json.dumps(_memory_child(json.loads(os.environ["TRL_VIDEO_VELR_MEMSPEC"]))), flush=True)
+
+
+BENCHMARKS = {"build-dataset": build_dataset_main, "pretrain": pretrain_main, "eval-lrm": eval_lrm_main,
+              "compare": compare_main, "memory": memory_main}
+BENCHMARK_ALIASES = {"velr-build-dataset": "build-dataset", "velr-pretrain": "pretrain", "velr-eval-lrm": "eval-lrm",
+                     "velr-compare": "compare"}

@@ -1,4 +1,5 @@
-"""DM-Align experiments on the CPU world (``trl-video bench dmalign <what> [options]``).
+"""DM-Align experiments on the CPU world (``trl-video bench dmalign.experiments <what> [options]``; the former
+``trl-video bench dmalign.experiments <what>`` still works).
 
 * ``baselines``: the teacher at 50 ODE steps with CFG ``--guidance`` (on the evaluation noises: the noise floor), the
   teacher at 4 ODE steps with the same CFG and the teacher run as a 4-step ``fewstep`` generator without CFG (= the
@@ -29,98 +30,53 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from trl_video.evaluation import video_features
+from trl_video.stats import bootstrap, frechet_distance, mean_sem, median_bandwidth, mmd2
 
 RESULTS = "out/dmalign_experiments"
 K = 4
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-def _noise(policy: Any, seeds: list[int], salt: int = 0) -> torch.Tensor:
-    return torch.stack([torch.randn(*policy.latent_shape, generator=torch.Generator().manual_seed(s * 1009 + salt))
-                        for s in seeds])
-
-
 def ode_samples(policy: Any, prompts: list[str], seeds: list[int], num_steps: int, net: Any = None,
                 bs: int = 64, guidance_scale: float = 1.0) -> torch.Tensor:
-    """The teacher's deterministic ODE sampler (the core's evaluation sampler, CFG ``guidance_scale``) from
-    :func:`_noise`'s noises."""
+    """The teacher's deterministic ODE sampler (the core's evaluation sampler, CFG ``guidance_scale``) from the
+    noises :func:`fewstep_samples` starts from (seed ``s * 1009``)."""
     from trl_video.evaluation import sample_videos
 
     return sample_videos(policy, prompts, [s * 1009 for s in seeds], num_steps, transformer=net, batch_size=bs,
                          guidance_scale=guidance_scale)
 
 
-@torch.no_grad()
 def fewstep_samples(policy: Any, prompts: list[str], seeds: list[int], num_steps: int = K, net: Any = None,
                     bs: int = 64) -> torch.Tensor:
-    """The core ``fewstep`` sampler's rule (predict x0, re-noise to the next of the K uniform timesteps) with
-    per-seed noise, so every model is evaluated on the same noises."""
-    sch = policy.schedule
-    ts = [1.0 - k / num_steps for k in range(num_steps)] + [0.0]
-    out = []
-    for i in range(0, len(prompts), bs):
-        ps, ss = prompts[i:i + bs], seeds[i:i + bs]
-        x = _noise(policy, ss)
-        emb, _ = policy.encode_prompts(ps)
-        for k in range(num_steps):
-            t = torch.full((len(ps),), ts[k])
-            x0 = sch.to_x0(policy.predict(x, t, emb, transformer=net), x, t)
-            if k + 1 < num_steps:
-                x = sch.add_noise(x0, _noise(policy, ss, salt=k + 1), torch.full((len(ps),), ts[k + 1]))
-        out.append(x0)
-    return torch.cat(out)
+    """The core ``fewstep`` sampler's rule (:func:`trl_video.sampling.fewstep_sample`: predict x0, re-noise to the
+    next of the K uniform timesteps) with per-seed noise (:func:`_noise`, salted by the step), so every model is
+    evaluated on the same noises."""
+    from trl_video.sampling import fewstep_sample, sample_batched, seeded_noise
+
+    times = [1.0 - k / num_steps for k in range(num_steps)]
+    return sample_batched(policy, prompts, [s * 1009 for s in seeds], lambda x, emb, ss: fewstep_sample(
+        policy, x, emb, times, lambda k, shape: seeded_noise(shape[1:], [s + k for s in ss]), net=net), bs)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def _sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(a.flatten(1).double(), b.flatten(1).double()).pow(2)
-
-
-def median_bandwidth(x: torch.Tensor) -> float:
-    d = _sqdist(x, x)
-    return float(d[~torch.eye(len(x), dtype=torch.bool)].median().sqrt())
-
-
-def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> float:
-    """Unbiased MMD^2 with k(a, b) = exp(-|a - b|^2 / (2 h^2))."""
-    g = 2 * bandwidth**2
-    kxx, kyy, kxy = (-_sqdist(x, x) / g).exp(), (-_sqdist(y, y) / g).exp(), (-_sqdist(x, y) / g).exp()
-    n, m = len(x), len(y)
-    sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
-    syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-    return float(sxx + syy - 2 * kxy.mean())
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Frechet distance between Gaussian fits of two feature sets ``[N, D]`` (the FID/FVD formula):
-    |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
-    ev, vec = torch.linalg.eigh(s_a)
-    root_a = vec @ torch.diag(ev.clamp_min(0).sqrt()) @ vec.T
-    cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp_min(0).sqrt().sum()
-    return float((mu_a - mu_b).pow(2).sum() + torch.trace(s_a) + torch.trace(s_b) - 2 * cross)
 
 
 def bootstrap_se(a: torch.Tensor, b: torch.Tensor, n: int = 200, seed: int = 0) -> float:
     """Standard error of ``frechet_distance(a, b)`` from resampling the evaluated set ``a`` (the reference fixed)."""
-    g = torch.Generator().manual_seed(seed)
-    fds = [frechet_distance(a[torch.randint(len(a), (len(a),), generator=g)], b) for _ in range(n)]
-    return float(torch.tensor(fds).std())
+    return float(bootstrap(lambda x: frechet_distance(x, b), a, n=n, seed=seed)["se"])  # type: ignore[arg-type]
 
 
 def paired_gap(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor, n: int = 500, seed: int = 0) -> dict:
     """``FD(a, ref) - FD(b, ref)`` for two feature sets of the same prompts and noises, with the s.e. and the share
     of resamples >= 0 from a paired bootstrap (one index draw for both sets)."""
-    g = torch.Generator().manual_seed(seed)
-    d = []
-    for _ in range(n):
-        i = torch.randint(len(a), (len(a),), generator=g)
-        d.append(frechet_distance(a[i], ref) - frechet_distance(b[i], ref))
-    dt = torch.tensor(d)
-    return {"fd_minus_teacher_ode": frechet_distance(a, ref) - frechet_distance(b, ref),
-            "fd_minus_teacher_ode_se": float(dt.std()), "fd_minus_teacher_ode_p": float((dt >= 0).float().mean())}
+    res = bootstrap(lambda x, y: frechet_distance(x, ref) - frechet_distance(y, ref), a, b, n=n, seed=seed)
+    values = res["values"]
+    assert isinstance(values, torch.Tensor)
+    return {"fd_minus_teacher_ode": res["value"], "fd_minus_teacher_ode_se": res["se"],
+            "fd_minus_teacher_ode_p": float((values >= 0).double().mean())}
 
 
 @torch.no_grad()
@@ -239,7 +195,7 @@ def evaluate_samples(policy: Any, lat: torch.Tensor, sets: dict[str, torch.Tenso
     return {"fd_teacher50": frechet_distance(z(mine), z(ref_t)), "fd_preferred": frechet_distance(z(mine), z(ref_gt)),
             "fd_teacher50_se": bootstrap_se(z(mine), z(ref_t)),
             "mmd2_teacher50": mmd2(lat, sets["teacher50"], h), "mmd2_preferred": mmd2(lat, sets["gt"], h),
-            "reward_alignment": float(rewards.mean()), "reward_alignment_se": float(rewards.std() / len(rewards) ** 0.5),
+            "reward_alignment": float(rewards.mean()), "reward_alignment_se": mean_sem(rewards)["sem"],
             "bandwidth": h, "n": len(lat),
             **(paired_gap(z(mine), z(sets[f"features_{paired_with}"]), z(ref_t)) if paired_with else {})}
 
@@ -400,7 +356,7 @@ def _save(root: Path, updates: dict) -> None:
 
 
 def bench_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="trl-video bench dmalign")
+    ap = argparse.ArgumentParser(prog="trl-video bench dmalign.experiments")
     ap.add_argument("what", choices=["toy", "baselines", "train", "table", "memory", "preferred", "rescore"])
     ap.add_argument("--model", default="tiny-cogvideox")
     ap.add_argument("--variant", choices=list(VARIANTS), default="dmd")

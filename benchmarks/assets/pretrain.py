@@ -1,6 +1,6 @@
 """Reproduce the shipped base checkpoints ``trl_video/assets/tiny-wan`` and ``trl_video/assets/tiny-cogvideox``.
 
-``trl-video pretrain --family wan --out trl_video/assets/tiny-wan`` (or ``python -m trl_video.pretrain ...``)
+``trl-video pretrain --family wan --out trl_video/assets/tiny-wan`` (from a checkout; = ``trl-video bench assets.pretrain``)
 trains the real diffusers architectures built by :func:`trl_video.models.presets.build_random` on the
 embedded synthetic world, in two stages, on CPU:
 
@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import world
+import trl_video
+from trl_video import world
 
 FAMILIES = ("wan", "cogvideox")
 
@@ -341,7 +342,7 @@ def heldout_denoising_loss(policy, *, n_seeds: int = 2, t_points: int = 8) -> fl
 @torch.no_grad()
 def sample_videos(policy, prompts: list[str], seeds: list[int], *, steps: int = 20, batch: int = 16) -> Tensor:
     """Deterministic ODE samples (:func:`trl_video.evaluation.sample_videos`) decoded to pixels ``[B, 3, F, H, W]``."""
-    from .evaluation import sample_videos as sample_latents
+    from trl_video.evaluation import sample_videos as sample_latents
 
     lat = sample_latents(policy, prompts, seeds, steps, batch_size=batch)
     return torch.cat([policy.decode(lat[i:i + batch]) for i in range(0, len(lat), batch)])
@@ -493,7 +494,7 @@ def pretrain(family: str, out_dir: str | Path, *, vae_iters: int | None = None, 
 
     Returns the report (also written to ``out_dir/pretrain_report.json``).
     """
-    from .models.presets import build_random
+    from trl_video.models.presets import build_random
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family '{family}' ({'|'.join(FAMILIES)})")
@@ -530,7 +531,7 @@ def pretrain(family: str, out_dir: str | Path, *, vae_iters: int | None = None, 
     # ---- stage A
     t0 = time.time()
     if vae_from is not None:
-        from .models.policy import load_policy
+        from trl_video.models.policy import load_policy
 
         donor = load_policy(str(vae_from))
         if donor.family != family:
@@ -595,7 +596,7 @@ def pretrain(family: str, out_dir: str | Path, *, vae_iters: int | None = None, 
         ev["random_weights"], _, _ = evaluate(build_random(family, seed=seed), steps=eval_steps,
                                               heldout_seeds=eval_heldout_seeds, train_caps=eval_train_captions)
     # reload check: the saved folder gives the same predictions
-    from .models.policy import load_policy
+    from trl_video.models.policy import load_policy
 
     reloaded = load_policy(str(out))
     with torch.no_grad():
@@ -651,7 +652,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 
 def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
-    out = args.out or str(Path(__file__).resolve().parent / "assets" / f"tiny-{args.family}")
+    out = args.out or str(Path(trl_video.__file__).resolve().parent / "assets" / f"tiny-{args.family}")
     png = args.samples_png or f"/tmp/pretrain_{args.family}_samples.png"
     report = pretrain(args.family, out, vae_iters=args.vae_iters, dit_iters=args.dit_iters,
                       vae_image_iters=args.vae_image_iters,
@@ -671,10 +672,7 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = add_pretrain_arguments(argparse.ArgumentParser(prog="trl-video pretrain", description=__doc__.split("\n")[0]))
     run_pretrain(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

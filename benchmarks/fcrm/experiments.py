@@ -1,9 +1,9 @@
 """FCRM experiments on CPU (the plugin README's "measured results").
 
-    python -m vidrl_plugin_fcrm.experiments build-offline [N] [MODEL]  # world clips -> latents (+ reward)
-    python -m vidrl_plugin_fcrm.experiments lightness [STEPS|-] [MODEL|-] [key=value ...] [out=DIR]
-                                                                 # luminance, fully offline (paper Fig. 3)
-    python -m vidrl_plugin_fcrm.experiments settings [names...]  # = trl-video bench fcrm --settings ...
+    trl-video bench fcrm.build-offline [N] [MODEL]  # world clips -> latents (+ reward)
+    trl-video bench fcrm.lightness [STEPS|-] [MODEL|-] [key=value ...] [out=DIR]
+                                                   # luminance, fully offline (paper Fig. 3)
+    trl-video bench fcrm.settings --settings ...   # behaviour settings side by side
 
 Every run writes ``out/fcrm/<...>/eval/eval_results.json`` (reward before = base with LoRA disabled,
 after = trained, same held-out prompts and seeds) and ``fcrm_result.json`` (plus rollouts / wall-clock).

@@ -1,5 +1,8 @@
-"""``trl-video bench fcrm``: FCRM under each behaviour distribution, side by side, plus the helpers the
-experiments use (world offline-latents builder, few-step evaluation).
+"""FCRM benchmarks (``benchmarks/fcrm``, from a checkout):
+
+* ``trl-video bench fcrm.settings`` (former name ``fcrm``): FCRM under each behaviour distribution, side by side;
+* ``trl-video bench fcrm.build-offline [N] [MODEL]``: world clips -> offline latents (+ reward);
+* ``trl-video bench fcrm.lightness [STEPS|-] [MODEL|-] [key=value ...] [out=DIR]``: luminance, fully offline.
 
 Each setting is one of the tiny recipes ``recipes/tiny/fcrm_<setting>.yaml`` (same model, reward, steps
 unless the recipe says otherwise). For each it reports the reward before/after on held-out prompts (the
@@ -10,6 +13,7 @@ generated, the offline samples consumed, and the training wall-clock.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -23,11 +27,20 @@ SETTINGS = ("online", "ema", "replay", "offline", "hybrid", "fewstep")
 OFFLINE_PREFIX = "out/fcrm/world_latents_"
 
 
-def recipes_dir() -> Path:
-    here = Path("recipes/tiny")
-    if here.is_dir():
-        return here
-    return Path(__file__).resolve().parents[3] / "recipes" / "tiny"
+def recipes_dir(explicit: str | None = None) -> Path:
+    """The tiny recipes: ``explicit`` (``--recipes``), else ``recipes/tiny`` of the working directory, else that of
+    the checkout this benchmarks folder belongs to."""
+    from trl_video.bench_discovery import benchmarks_root
+    from trl_video.errors import TrlVideoError
+
+    root = benchmarks_root()
+    candidates = [Path(explicit)] if explicit else [Path("recipes/tiny")] + (
+        [root.parent / "recipes" / "tiny"] if root is not None else [])
+    for c in candidates:
+        if c.is_dir():
+            return c
+    raise TrlVideoError(f"no recipes folder at {', '.join(map(str, candidates))}: pass --recipes DIR (the "
+                        f"repository's recipes/tiny)")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -76,29 +89,39 @@ def ensure_offline(path: str, model: str = "tiny-cogvideox", n: int = 256) -> st
 @torch.no_grad()
 def fewstep_eval(trainer: Any, prompts: list[str], seeds: list[int], timesteps: list[float]) -> dict[str, float]:
     """Reward of the K-step generator (``fewstep`` sampler) before (reference) and after, same noise per seed."""
-    from trl_video.components.base import TrainContext
-    from trl_video.components.samplers import FewStepSampler
+    from trl_video.sampling import fewstep_sample
+    from trl_video.stats import mean_sem
 
+    policy = trainer.policy
     out = {}
-    for tag, behaviour in (("before", "reference"), ("after", "current")):
+    for tag in ("before", "after"):
         lats = []
         for p, s in zip(prompts, seeds):
-            ctx = TrainContext(policy=trainer.policy, config=trainer.config, accelerator=trainer.accelerator,
-                               reward=trainer.reward, method_config=None,
-                               generator=torch.Generator().manual_seed(int(s)))
-            emb, _ = trainer.policy.encode_prompts([p])
-            ro = FewStepSampler(timesteps=timesteps, behaviour=behaviour).sample(ctx, [p], emb,
-                                                                                 torch.zeros(1, dtype=torch.long))
-            lats.append(ro.latents)
-        lat = torch.cat(lats)
-        r = trainer.ctx.score(lat, prompts)
-        out[tag] = r.cpu()
-    d = out["after"] - out["before"]
+            # one generator per seed, drawn in the order the fewstep sampler draws: initial noise, then re-noise
+            g = torch.Generator().manual_seed(int(s))
+            x = torch.randn(1, *policy.latent_shape, generator=g).to(policy.device)
+            emb, _ = policy.encode_prompts([p])
+            renoise = lambda k, shape, g=g: torch.randn(*shape, generator=g).to(policy.device)  # noqa: E731
+            with policy.reference() if tag == "before" else contextlib.nullcontext(None) as net:
+                lats.append(fewstep_sample(policy, x, emb, timesteps, renoise, net=net))
+        out[tag] = trainer.ctx.score(torch.cat(lats), prompts).cpu()
+    d = mean_sem(out["after"] - out["before"])
     return {"fewstep_reward_before": float(out["before"].mean()), "fewstep_reward_after": float(out["after"].mean()),
-            "fewstep_gain": float(d.mean()), "fewstep_gain_sem": float(d.std() / len(d) ** 0.5)}
+            "fewstep_gain": d["mean"], "fewstep_gain_sem": d["sem"]}
 
 
 # ------------------------------------------------------------------------------------------------ one setting
+class RolloutCounter:
+    """A trainer callback: counts the samples the sampler generated (the ``on_rollout`` event, once per fresh
+    batch)."""
+
+    def __init__(self) -> None:
+        self.rollouts = 0
+
+    def on_rollout(self, args: Any, state: Any, control: Any, rollouts: Any = None, **kwargs: Any) -> None:
+        self.rollouts += len(rollouts) if rollouts is not None else 0
+
+
 def run_recipe(recipe: dict[str, Any], output_dir: str, eval_prompts: int | None = None) -> dict[str, Any]:
     """Train one recipe; measure rollouts generated, offline samples consumed and wall-clock; then evaluate."""
     import shutil
@@ -115,26 +138,13 @@ def run_recipe(recipe: dict[str, Any], output_dir: str, eval_prompts: int | None
     if rec.get("offline_latents"):
         ensure_offline(str(rec["offline_latents"]), model=str(rec.get("model", "tiny-cogvideox")))
     cfg = config_from_dict(rec)
-    trainer = VideoRewardTrainer(cfg, recipe=rec)
-    counts = {"rollouts": 0, "offline": 0}
-    orig_sample = trainer.sampler.sample
-
-    def counting_sample(ctx, prompts, embeds, gids):
-        counts["rollouts"] += len(prompts)
-        return orig_sample(ctx, prompts, embeds, gids)
-
-    trainer.sampler.sample = counting_sample
-    if trainer.ctx.offline is not None:
-        orig_next = trainer.ctx.offline.next_batch
-
-        def counting_next(ctx, n):
-            counts["offline"] += n
-            return orig_next(ctx, n)
-
-        trainer.ctx.offline.next_batch = counting_next
+    counter = RolloutCounter()
+    trainer = VideoRewardTrainer(cfg, recipe=rec, callbacks=[counter])
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
+    counts = {"rollouts": counter.rollouts,
+              "offline": trainer.ctx.offline.drawn if trainer.ctx.offline is not None else 0}
     ev = evaluate_trainer(trainer)
     res = {"model": str(rec.get("model")), "steps": trainer.global_step, "rollouts": counts["rollouts"], "offline_samples": counts["offline"],
            "train_seconds": wall, "reward": ev["reward"], "reward_before": ev["reward_before"],
@@ -172,7 +182,7 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def bench_fcrm(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="trl-video bench fcrm",
+    ap = argparse.ArgumentParser(prog="trl-video bench fcrm.settings",
                                  description="FCRM behaviour distributions side by side (tiny recipes).")
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {', '.join(SETTINGS)}")
     ap.add_argument("--steps", type=int, default=None, help="override max_steps of every recipe")
@@ -181,6 +191,7 @@ def bench_fcrm(argv: list[str]) -> int:
     ap.add_argument("--out", default="out/fcrm/bench")
     ap.add_argument("--json", help="write all results here (default: <out>/bench.json)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    ap.add_argument("--recipes", help="folder of the fcrm_<setting>.yaml recipes (default: the checkout's recipes/tiny)")
     a = ap.parse_args(argv)
     import yaml
 
@@ -189,7 +200,7 @@ def bench_fcrm(argv: list[str]) -> int:
     for name in [s.strip() for s in a.settings.split(",") if s.strip()]:
         if name not in SETTINGS:
             ap.error(f"unknown setting '{name}' (choose from {', '.join(SETTINGS)})")
-        rec = load_recipe(recipes_dir() / f"fcrm_{name}.yaml")
+        rec = load_recipe(recipes_dir(a.recipes) / f"fcrm_{name}.yaml")
         if a.steps:
             rec["max_steps"] = a.steps
         for item in a.set:
@@ -206,3 +217,19 @@ def bench_fcrm(argv: list[str]) -> int:
     path.write_text(json.dumps(rows, indent=2))
     print(f"results: {path}")
     return 0
+
+
+def build_offline_main(argv: list[str]) -> int:
+    from .experiments import main
+
+    return main(["build-offline", *argv])
+
+
+def lightness_main(argv: list[str]) -> int:
+    from .experiments import main
+
+    return main(["lightness", *argv])
+
+
+BENCHMARKS = {"settings": bench_fcrm, "build-offline": build_offline_main, "lightness": lightness_main}
+BENCHMARK_ALIASES = {"fcrm": "settings"}

@@ -1,4 +1,4 @@
-"""A controlled DM-Align experiment that runs in a minute on CPU: ``trl-video bench dmalign toy``.
+"""A controlled DM-Align experiment that runs in a minute on CPU: ``trl-video bench dmalign.experiments toy``.
 
 The data are an 8-mode Gaussian mixture on a circle (radius 3, std 0.25), shaped as latents ``[B, 2, 1, 1, 1]``.
 A small MLP flow-matching teacher is trained on it; the K=4-step student is distilled from it with the plugin's
@@ -22,15 +22,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from vidrl_plugin_dmalign.config import DMAlignConfig
+from vidrl_plugin_dmalign.loss import DMAlignLoss
+
+from trl_video import stats
 from trl_video.components.base import TrainContext
 from trl_video.components.estimators import GroupAdvantage
 from trl_video.components.samplers import FewStepSampler
 from trl_video.models.schedule import NoiseSchedule
-
-from .config import DMAlignConfig
-from .loss import DMAlignLoss
+from trl_video.sampling import fewstep_sample, ode_sample
 
 N_MODES, RADIUS, STD = 8, 3.0, 0.25
+MMD_BANDWIDTH = 0.5
 SHAPE = (2, 1, 1, 1)
 
 
@@ -124,31 +127,22 @@ def train_teacher(iters: int = 3000, seed: int = 0) -> ToyNet:
 
 @torch.no_grad()
 def ode(net: nn.Module, noise: torch.Tensor, steps: int) -> torch.Tensor:
-    x, grid = noise, torch.linspace(1, 0, steps + 1)
-    for k in range(steps):
-        x = x + (grid[k + 1] - grid[k]) * net(x, grid[k].expand(len(x)))
-    return x
+    """The core ODE sampler (:func:`trl_video.sampling.ode_sample`) with the MLP as the model."""
+    policy = ToyPolicy(net, net, tuple(noise.shape[1:]))
+    return ode_sample(policy, noise, torch.zeros(len(noise), 1, 1), policy.schedule.timesteps(steps))
 
 
 @torch.no_grad()
 def fewstep(net: nn.Module, noise: torch.Tensor, renoise: torch.Tensor, k_steps: int = 4) -> torch.Tensor:
-    ts = [1 - k / k_steps for k in range(k_steps)]
-    x = noise
-    for k, t in enumerate(ts):
-        tt = torch.full((len(x),), t)
-        x0 = x - t * net(x, tt)
-        if k + 1 < k_steps:
-            x = (1 - ts[k + 1]) * x0 + ts[k + 1] * renoise[k]
-    return x0
+    """The core few-step generator rule (:func:`trl_video.sampling.fewstep_sample`), re-noised with ``renoise[k-1]``."""
+    policy = ToyPolicy(net, net, tuple(noise.shape[1:]))
+    return fewstep_sample(policy, noise, torch.zeros(len(noise), 1, 1), [1 - k / k_steps for k in range(k_steps)],
+                          lambda k, shape: renoise[k - 1])
 
 
-def mmd2(x: torch.Tensor, y: torch.Tensor, h: float = 0.5) -> float:
-    x, y = x.flatten(1).double(), y.flatten(1).double()
-    k = lambda a, b: (-torch.cdist(a, b).pow(2) / (2 * h * h)).exp()  # noqa: E731
-    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
-    n, m = len(x), len(y)
-    return float((kxx.sum() - kxx.trace()) / (n * (n - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1))
-                 - 2 * kxy.mean())
+def mmd2(x: torch.Tensor, y: torch.Tensor) -> float:
+    """MMD^2 of two toy sample sets at the toy's fixed bandwidth (:func:`trl_video.stats.mmd2`)."""
+    return stats.mmd2(x, y, MMD_BANDWIDTH)
 
 
 def reward_fn(x: torch.Tensor) -> torch.Tensor:

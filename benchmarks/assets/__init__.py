@@ -1,0 +1,1 @@
+"""Benchmarks and experiments of assets (run with `trl-video bench assets.<name>` from a checkout)."""

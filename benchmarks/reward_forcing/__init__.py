@@ -1,0 +1,1 @@
+"""Benchmarks and experiments of reward-forcing (run with `trl-video bench reward_forcing.<name>` from a checkout)."""

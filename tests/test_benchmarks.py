@@ -1,0 +1,80 @@
+"""Experiments live in the repository's benchmarks/ tree, not in the installed packages: discovered from a
+checkout as ``trl-video bench <method>.<name>`` (former names kept as aliases), imported only when run, a broken
+folder reported without stopping the rest, and a wheel install (no benchmarks/) says where they are."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pytest
+
+from trl_video import bench_discovery
+from trl_video.errors import PluginError
+from trl_video.plugins import Registry, make_plugin_manager
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def registry() -> Registry:
+    return Registry(*make_plugin_manager(load_entrypoints=False), benchmark_dirs=True)
+
+
+def test_no_experiment_drivers_in_the_installable_packages() -> None:
+    for pattern in ("plugins/*/vidrl_plugin_*/experiments.py", "plugins/*/vidrl_plugin_*/toy.py",
+                    "plugins/*/vidrl_plugin_*/bench.py", "trl_video/pretrain.py", "plugins/*/results",
+                    "plugins/*/run_experiments.sh"):
+        assert not glob.glob(str(ROOT / pattern)), pattern
+
+
+def test_checkout_benchmarks_are_namespaced_with_the_former_names_as_aliases() -> None:
+    reg = registry()
+    names = set(reg.names("bench"))
+    assert {"assets.pretrain", "velr.compare", "velr.pretrain", "velr.memory", "fcrm.settings", "fcrm.lightness",
+            "dmalign.experiments", "overhead"} <= names
+    assert reg.get("bench", "velr-compare").name == "velr.compare"  # as the READMEs and recipes used to say
+    assert reg.get("bench", "fcrm").name == "fcrm.settings"
+    assert reg.get("bench", "dmalign").name == "dmalign.experiments"
+    assert reg.get("bench", "memory").name == "velr.memory"  # bare name, unambiguous
+    assert reg.get("bench", "velr.compare").distribution == "benchmarks/velr"
+    assert not any(k.startswith("benchmarks/") for k in reg.broken), reg.broken
+
+
+def test_a_benchmark_module_is_imported_only_when_it_runs() -> None:
+    import sys
+
+    reg = registry()
+    sys.modules.pop("trl_video_benchmarks.fcrm.bench", None)
+    fn = reg.get("bench", "fcrm.settings").obj
+    assert "trl_video_benchmarks.fcrm.bench" not in sys.modules
+    with pytest.raises(SystemExit) as exc:
+        fn(["--help"])
+    assert exc.value.code == 0 and "trl_video_benchmarks.fcrm.bench" in sys.modules
+
+
+def test_a_broken_benchmark_folder_is_reported_and_the_rest_still_works(tmp_path, monkeypatch) -> None:
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / "bench.py").write_text("def main(argv):\n    return 7\n\nBENCHMARKS = {'run': main}\n")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "bench.py").write_text("def main(argv):\n    return 0\n")  # no BENCHMARKS
+    monkeypatch.setenv(bench_discovery.BENCHMARKS_ENV, str(tmp_path))
+    reg = registry()
+    assert "no BENCHMARKS" in reg.broken["benchmarks/bad"]
+    assert reg.get("bench", "good.run").obj([]) == 7
+    assert reg.get("bench", "overhead").plugin == "builtin"
+
+
+def test_a_wheel_install_says_where_the_benchmarks_are(monkeypatch, capsys) -> None:
+    import argparse
+
+    from trl_video.cli import cmd_bench
+
+    monkeypatch.setattr(bench_discovery, "benchmarks_root", lambda: None)
+    reg = registry()
+    assert "overhead" in reg.names("bench") and all(i.plugin == "builtin" for i in reg.items("bench"))
+    with pytest.raises(PluginError, match="benchmarks/ folder: run them from a checkout"):
+        reg.get("bench", "velr.compare")
+    monkeypatch.setattr("trl_video.plugins._DEFAULT", reg)
+    assert cmd_bench(argparse.Namespace(name=None), []) == 0
+    out = capsys.readouterr().out
+    assert "overhead" in out and "run them from a checkout" in out and bench_discovery.BENCHMARKS_ENV in out
