@@ -260,7 +260,7 @@ class VideoPolicy(nn.Module):
                    vae=self.vae, scheduler=self.scheduler)
 
     def save_pretrained(self, path: str | Path, merge_lora: bool = True, extra_meta: dict[str, Any] | None = None,
-                        transformer: nn.Module | None = None) -> None:
+                        transformer: Any = None) -> None:
         """Write a diffusers pipeline folder (``WanPipeline``/``CogVideoXPipeline.from_pretrained`` loads it).
         LoRA adapters are merged into the saved transformer and also written on their own. ``transformer``:
         save this (unsharded) copy instead of ``self.transformer`` (an FSDP-sharded run exports a gathered copy)."""
