@@ -67,10 +67,11 @@ def build_model_card(*, base_model: str, model_name: str, repo_id: str | None, m
         base_model=base, model_name=model_name, hub_model_id=repo_id or "path/to/this/folder",
         dataset_name=dataset, tags=[*TAGS, f"trl-video-{method.name}"], wandb_url=wandb_url, trackio_url=trackio_url,
         trainer_name=method.name, trainer_citation=method.citation or None, paper_title=title, paper_id=paper_id)
-    card.data.library_name = "diffusers"
-    card.data.pipeline_tag = "text-to-video"
+    data: Any = card.data  # a ModelCardData (CardData's fields are untyped)
+    data.library_name = "diffusers"
+    data.pipeline_tag = "text-to-video"
     if not on_hub:  # a local preset / folder: no hub link, no base_model metadata
-        card.data.base_model = None
+        data.base_model = None
     text = card.text
     if not on_hub:
         text = text.replace(f"[{base}](https://huggingface.co/{base})", f"`{base}`")
@@ -129,7 +130,7 @@ def eval_results_for_card(results: dict[str, Any]) -> list[Any]:
     from huggingface_hub import EvalResult
 
     prompts = str(results.get("prompts_source", "world:heldout"))
-    common = dict(task_type="text-to-video", task_name="Text-to-video", dataset_type=prompts, dataset_name=prompts,
+    common: dict[str, Any] = dict(task_type="text-to-video", task_name="Text-to-video", dataset_type=prompts, dataset_name=prompts,
                   dataset_split=f"{results.get('num_prompts', '?')} (prompt, seed) pairs")
     metrics = results.get("metrics") or {}
     out = []
