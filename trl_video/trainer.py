@@ -148,6 +148,9 @@ class VideoRewardTrainer:
                                        project_config=ProjectConfiguration(
                                            project_dir=str(self.output_dir),
                                            logging_dir=str(self.output_dir / "tensorboard")))
+        from .validation import validate_config
+
+        validate_config(config, self.plan, self.registry, check_model=policy is None)
         existing = find_checkpoints(self.output_dir)
         if existing and not resume:
             raise TrlVideoError(f"output dir '{self.output_dir}' already holds {existing[-1].name}: pass --resume to "
@@ -596,14 +599,20 @@ class VideoRewardTrainer:
                 self.policy.pipeline().__class__.save_lora_weights(tmp, transformer_lora_layers=lora,
                                                                    safe_serialization=True)
             (tmp / "trainer_state.json").write_text(json.dumps(
-                {"global_step": self.global_step, "config": self.config.to_dict(), "recipe": self.recipe}, indent=2,
-                default=str))
+                {"global_step": self.global_step, **self.written_recipe()}, indent=2, default=str))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             self._rotate_checkpoints()
         self.accelerator.wait_for_everyone()
         return final
+
+    def written_recipe(self) -> dict[str, Any]:
+        """Config and recipe as written to disk (checkpoints, model card): secrets masked."""
+        from .recipe_io import env_refs, redact
+
+        secrets = env_refs(self.recipe)
+        return {"config": redact(self.config.to_dict(), secrets), "recipe": redact(self.recipe, secrets)}
 
     def _rotate_checkpoints(self) -> None:
         limit = self.config.save_total_limit
