@@ -56,10 +56,41 @@ def reward_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         latent_energy.differentiable = True
 
         def nan_reward(inputs, prompts):
-            return float("nan")
+            return inputs.new_full((inputs.shape[0],), float("nan"))
 
         nan_reward.space = "latent"
         nan_reward.differentiable = True
+
+        def blackbox(inputs, prompts):
+            return inputs.float().flatten(1).mean(1).detach()
+
+        blackbox.space = "latent"
+        blackbox.differentiable = False
+
+        def list_reward(inputs, prompts):
+            return [0.5] * inputs.shape[0]
+
+        list_reward.space = "latent"
+        list_reward.differentiable = True
+
+        def int_reward(inputs, prompts):
+            import torch
+            return torch.ones(inputs.shape[0], dtype=torch.int64)
+
+        int_reward.space = "latent"
+        int_reward.differentiable = True
+
+        def str_reward(inputs, prompts):
+            return ["good"] * inputs.shape[0]
+
+        str_reward.space = "latent"
+        str_reward.differentiable = True
+
+        def raising_reward(inputs, prompts):
+            raise ValueError("scoring service said no")
+
+        raising_reward.space = "latent"
+        raising_reward.differentiable = True
     """))
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(folder))
@@ -340,3 +371,187 @@ def test_dry_run_refl_wan_names_missing_prompts(tmp_path: Path, capsys: pytest.C
     code, out, err = run_cli(capsys, ["train", "--recipe", REPO / "recipes" / "refl_wan.yaml", "--dry-run",
                                       "--output-dir", str(tmp_path / "shipped")])
     assert code == 0, err
+
+
+# ------------------------------------------------------------------------------------------------ validation
+#: (recipe keys, culprits named in the error) -- every case is refused identically by --dry-run and by train,
+#: before anything is loaded or written
+VALIDATION_CASES = [
+    pytest.param({"lora_rank": 0}, ["lora_rank", "[1, inf]", "got 0"], id="lora-rank-zero"),
+    pytest.param({"adam_beta1": 2}, ["adam_beta1", "[0, 1)", "got 2"], id="adam-beta1-2"),
+    pytest.param({"adam_beta2": -0.1}, ["adam_beta2"], id="adam-beta2-negative"),
+    pytest.param({"adam_epsilon": 0}, ["adam_epsilon", "(0, inf]"], id="adam-epsilon-zero"),
+    pytest.param({"weight_decay": -0.1}, ["weight_decay"], id="weight-decay-negative"),
+    pytest.param({"lr_scheduler_type": "cosin"}, ["lr_scheduler_type", "'cosin'", "did you mean 'cosine'"],
+                 id="unknown-scheduler"),
+    pytest.param({"lr_scheduler_type": "reduce_lr_on_plateau"}, ["lr_scheduler_type", "reduce_lr_on_plateau"],
+                 id="unsupported-scheduler"),
+    pytest.param({"seed": -1}, ["seed", "got -1"], id="negative-seed"),
+    pytest.param({"save_steps": -1}, ["save_steps"], id="negative-save-steps"),
+    pytest.param({"save_total_limit": 0}, ["save_total_limit"], id="save-total-limit-zero"),
+    pytest.param({"max_grad_norm": -1.0}, ["max_grad_norm"], id="negative-max-grad-norm"),
+    pytest.param({"warmup_steps": -5}, ["warmup_steps"], id="negative-warmup"),
+    pytest.param({"ema_decay": 1.0}, ["ema_decay", "[0, 1)"], id="ema-decay-one"),
+    pytest.param({"learning_rate": float("nan")}, ["learning_rate", "finite"], id="learning-rate-nan"),
+    pytest.param({"eval_num_steps": 0}, ["eval_num_steps"], id="eval-num-steps-zero"),
+    pytest.param({"lora_target_modules": []}, ["lora_target_modules"], id="no-lora-targets"),
+    pytest.param({"height": 30}, ["height 30", "multiple of 8", "tiny-wan-random"], id="height-not-patch-multiple"),
+    pytest.param({"width": 36}, ["width 36", "multiple of 8"], id="width-not-patch-multiple"),
+    pytest.param({"height": 512}, ["height 512", "too large", "at most 256"], id="height-beyond-rope"),
+    pytest.param({"num_frames": 8}, ["num_frames 8", "2k+1", "e.g. 7"], id="num-frames-not-2k+1"),
+    pytest.param({"num_frames": 101}, ["num_frames 101", "too large"], id="num-frames-beyond-rope"),
+    pytest.param({"model": "tiny-cogvideox-random", "num_frames": 7}, ["num_frames 7", "4k+1"],
+                 id="num-frames-cogvideox-not-4k+1"),
+    pytest.param({"eval_rewards": ["lumnance"]}, ["eval_rewards[0]", "unknown reward 'lumnance'"],
+                 id="unknown-eval-reward"),
+    pytest.param({"reward_args": {"scale": 2}}, ["reward_args", "'scale'"], id="unknown-reward-arg"),
+    pytest.param({"sampler_args": {"num_stps": 2}}, ["sampler_args", "'num_stps'", "did you mean 'num_steps'"],
+                 id="unknown-sampler-arg"),
+    pytest.param({"sampler_args": {"num_steps": 2, "grad_steps": 5}}, ["grad_steps"], id="grad-steps-beyond-steps"),
+    pytest.param({"estimator": "group", "group_size": 2, "estimator_args": {"std": "bogus"}},
+                 ["estimator_args.std", "bogus"], id="bad-estimator-choice"),
+    pytest.param({"method": "fcrm", "sampler_args": {"num_steps": 2}, "group_size": 1},
+                 ["group_size is 1", "estimator 'group'"], id="group-estimator-group-size-1"),
+    pytest.param({"replay": "offline"}, ["replay 'offline'", "offline_latents"], id="offline-replay-without-data"),
+    pytest.param({"sampler_args": {"num_steps": 2, "grad_steps": 1, "behaviour": "ema"}},
+                 ["behaviour 'ema'", "ema_decay"], id="ema-behaviour-without-ema"),
+    pytest.param({"prompts": "world:test"}, ["prompts", "world:test"], id="unknown-world-split"),
+    pytest.param({"push_to_hub": True}, ["push_to_hub", "hub_model_id"], id="push-without-repo"),
+    pytest.param({"hub_model_id": "no-slash"}, ["hub_model_id", "no-slash"], id="bad-hub-id"),
+    pytest.param({"reward": "luminance+motion", "reward_args": {"weights": {"lum": 1}}},
+                 ["reward_args.weights", "luminance+motion"], id="reward-sum-bad-weight-key"),
+    pytest.param({"reward": "luminance+motion", "reward_args": {"luminance": {"foo": 1}}},
+                 ["part 'luminance'", "'foo'"], id="reward-sum-bad-part-arg"),
+    pytest.param({"prompt_column": " "}, ["prompt_column", "empty"], id="blank-prompt-column"),
+]
+
+
+@pytest.mark.parametrize("mode", ["dry-run", "train"])
+@pytest.mark.parametrize(("recipe_extra", "culprits"), VALIDATION_CASES)
+def test_validation_shared_by_dry_run_and_train(tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str,
+                                                recipe_extra: dict[str, Any], culprits: list[str]) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", **recipe_extra)
+    out = tmp_path / "out"
+    extra = ["--dry-run"] if mode == "dry-run" else []
+    code, stdout, err = run_cli(capsys, train_argv(recipe, out, *extra))
+    assert_one_line_error(code, err, *culprits)
+    assert "valid" not in stdout and not out.exists()
+
+
+def test_non_differentiable_reward_under_refl(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              reward_module: str) -> None:
+    name = f"{reward_module}:blackbox"
+    recipe = write_recipe(tmp_path / "recipe.yaml", reward=name)
+    for extra in (["--dry-run"], []):
+        code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out", *extra))
+        assert_one_line_error(code, err, f"reward '{name}' is not differentiable", "method 'refl'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_valid_dry_run_means_the_run_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            reward_module: str) -> None:
+    """The other side of the shared validation: a recipe using the geometry limits exactly passes the dry run
+    and trains."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", reward=f"{reward_module}:latent_energy", height=16, width=24,
+                          num_frames=5, lr_scheduler_type="cosine", eval_rewards=["motion"], lora_rank=2)
+    code, stdout, err = run_cli(capsys, train_argv(recipe, tmp_path / "out", "--dry-run"))
+    assert code == 0 and "valid" in stdout, err
+    code, stdout, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert code == 0 and "done: 1 steps" in stdout, err
+
+
+# ------------------------------------------------------------------------------------------------ YAML
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize(
+    ("text", "culprits"),
+    [
+        pytest.param("max_steps: 1\nmodel: tiny-wan-random\nmax_steps: 3\n",
+                     ["duplicate key 'max_steps'", "lines 1 and 3"], id="duplicate-key"),
+        pytest.param("", ["is empty"], id="empty-recipe"),
+        pytest.param("# only a comment\n", ["is empty"], id="comment-only-recipe"),
+        pytest.param(BOMB, ["expands to more than 100000 values"], id="alias-bomb"),
+        pytest.param("a: &a [*a]\n", ["contains itself"], id="recursive-alias"),
+        pytest.param("max_steps: 1\nreward_args:\n  api_key: ${env:TRLV_SURELY_UNSET_VAR}\n",
+                     ["reward_args.api_key", "TRLV_SURELY_UNSET_VAR", "not set"], id="unset-env-reference"),
+        pytest.param("model: !!python/object/apply:os.system ['true']\n", ["not valid YAML"], id="python-tag"),
+    ],
+)
+def test_bad_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, culprits: list[str]) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    line = assert_one_line_error(code, err, *culprits)
+    assert str(recipe) in line
+    assert snapshot(tmp_path) == before
+
+
+def test_alias_bomb_is_small_and_refused_fast(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    assert len(BOMB) <= 600  # the issue's bomb was 524 bytes; this one expands to 9**9 values
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(BOMB)
+    t0 = time.perf_counter()
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out", "--dry-run"))
+    assert time.perf_counter() - t0 < 5
+    assert_one_line_error(code, err, "expands to more than")
+
+
+def test_recipe_too_large(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "big.yaml"
+    recipe.write_text("max_steps: 1\n" + "# padding\n" * 120_000)
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, str(recipe), "bytes", "limited to 1048576")
+
+
+def test_recipe_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, train_argv(tmp_path, tmp_path / "out"))
+    assert_one_line_error(code, err, str(tmp_path), "is a folder")
+
+
+def test_recipe_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "latin1.yaml"
+    recipe.write_bytes("model: caf\xe9\n".encode("latin-1"))
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, str(recipe), "UTF-8")
+
+
+# ------------------------------------------------------------------------------------------------ eval
+def fake_model_dir(root: Path) -> Path:
+    """A run folder whose model/ has a model_index.json (enough for argument checks that precede loading)."""
+    (root / "model").mkdir(parents=True)
+    (root / "model" / "model_index.json").write_text("{}")
+    (root / "eval").mkdir()
+    (root / "eval" / "eval_results.json").write_text('{"reward_after": 0.5}')
+    (root / "metrics.jsonl").write_text('{"step": 1}\n')
+    return root
+
+
+@pytest.mark.parametrize(
+    ("extra", "culprits"),
+    [
+        pytest.param(["--num-steps", "0"], ["--num-steps", ">= 1", "got 0"], id="eval-num-steps-0"),
+        pytest.param(["--num-prompts", "0"], ["--num-prompts", "got 0"], id="eval-num-prompts-0"),
+        pytest.param(["--seed", "-3"], ["--seed", "got -3"], id="eval-negative-seed"),
+    ],
+)
+def test_eval_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str],
+                            culprits: list[str]) -> None:
+    run = fake_model_dir(tmp_path / "run")
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, ["eval", "--checkpoint", run, *extra])
+    assert_one_line_error(code, err, *culprits)
+    assert snapshot(run) == before
+
+
+def test_eval_never_replaces_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = fake_model_dir(tmp_path / "run")
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, ["eval", "--checkpoint", run, "--out", run / "eval", "--num-prompts", "1"])
+    assert_one_line_error(code, err, "--out", str(run / "eval"), "not empty")
+    assert snapshot(run) == before
