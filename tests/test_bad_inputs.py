@@ -377,10 +377,10 @@ def test_dry_run_refl_wan_names_missing_prompts(tmp_path: Path, capsys: pytest.C
 #: (recipe keys, culprits named in the error) -- every case is refused identically by --dry-run and by train,
 #: before anything is loaded or written
 VALIDATION_CASES = [
-    pytest.param({"lora_rank": 0}, ["lora_rank", "[1, inf]", "got 0"], id="lora-rank-zero"),
-    pytest.param({"adam_beta1": 2}, ["adam_beta1", "[0, 1)", "got 2"], id="adam-beta1-2"),
+    pytest.param({"lora_r": 0}, ["lora_r must be >= 1", "got 0"], id="lora-rank-zero"),
+    pytest.param({"adam_beta1": 2}, ["adam_beta1 must be < 1", "got 2"], id="adam-beta1-2"),
     pytest.param({"adam_beta2": -0.1}, ["adam_beta2"], id="adam-beta2-negative"),
-    pytest.param({"adam_epsilon": 0}, ["adam_epsilon", "(0, inf]"], id="adam-epsilon-zero"),
+    pytest.param({"adam_epsilon": 0}, ["adam_epsilon must be > 0"], id="adam-epsilon-zero"),
     pytest.param({"weight_decay": -0.1}, ["weight_decay"], id="weight-decay-negative"),
     pytest.param({"lr_scheduler_type": "cosin"}, ["lr_scheduler_type", "'cosin'", "did you mean 'cosine'"],
                  id="unknown-scheduler"),
@@ -391,9 +391,10 @@ VALIDATION_CASES = [
     pytest.param({"save_total_limit": 0}, ["save_total_limit"], id="save-total-limit-zero"),
     pytest.param({"max_grad_norm": -1.0}, ["max_grad_norm"], id="negative-max-grad-norm"),
     pytest.param({"warmup_steps": -5}, ["warmup_steps"], id="negative-warmup"),
-    pytest.param({"ema_decay": 1.0}, ["ema_decay", "[0, 1)"], id="ema-decay-one"),
-    pytest.param({"learning_rate": float("nan")}, ["learning_rate", "finite"], id="learning-rate-nan"),
+    pytest.param({"ema_decay": 1.0}, ["ema_decay must be < 1"], id="ema-decay-one"),
+    pytest.param({"learning_rate": float("nan")}, ["learning_rate must be > 0", "nan"], id="learning-rate-nan"),
     pytest.param({"eval_num_steps": 0}, ["eval_num_steps"], id="eval-num-steps-zero"),
+    pytest.param({"learning_rate": float("inf")}, ["learning_rate", "finite"], id="learning-rate-inf"),
     pytest.param({"lora_target_modules": []}, ["lora_target_modules"], id="no-lora-targets"),
     pytest.param({"height": 30}, ["height 30", "multiple of 8", "tiny-wan-random"], id="height-not-patch-multiple"),
     pytest.param({"width": 36}, ["width 36", "multiple of 8"], id="width-not-patch-multiple"),
@@ -453,7 +454,7 @@ def test_valid_dry_run_means_the_run_starts(tmp_path: Path, capsys: pytest.Captu
     """The other side of the shared validation: a recipe using the geometry limits exactly passes the dry run
     and trains."""
     recipe = write_recipe(tmp_path / "recipe.yaml", reward=f"{reward_module}:latent_energy", height=16, width=24,
-                          num_frames=5, lr_scheduler_type="cosine", eval_rewards=["motion"], lora_rank=2)
+                          num_frames=5, lr_scheduler_type="cosine", eval_rewards=["motion"], lora_r=2)
     code, stdout, err = run_cli(capsys, train_argv(recipe, tmp_path / "out", "--dry-run"))
     assert code == 0 and "valid" in stdout, err
     code, stdout, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
