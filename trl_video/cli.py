@@ -74,7 +74,7 @@ def cmd_train(argv: list[str]) -> int:
 
     parsed = parse_train_args(argv)
     recipe = parsed.recipe  # keeps its ${env:NAME} references: it is what checkpoints and the model card record
-    config = expand_env_config(parsed.config)
+    config = expand_env_config(parsed.config, where=f"recipe {parsed.recipe_path or '(command line)'}")
     registry = get_registry()
     plan = resolve_plan(config, registry)
     validate_config(config, plan, registry)  # the same checks as the trainer's: a valid dry run starts
@@ -86,8 +86,18 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     from .trainer import VideoRewardTrainer
 
-    trainer = VideoRewardTrainer(config, registry=registry, recipe=recipe, resume=parsed.resume)
+    trainer = VideoRewardTrainer(config, registry=registry, recipe=recipe, resume=parsed.resume,
+                                 accept_recipe_changes=parsed.accept_recipe_changes)
     result = trainer.train()
+    if result.get("interrupted"):
+        import signal
+
+        signum = result["interrupted"]
+        if trainer.is_main:
+            ck = Path(config.output_dir) / f"checkpoint-{result['global_step']}"
+            print(f"error: stopped by {signal.Signals(signum).name} after step {result['global_step']}: checkpoint "
+                  f"{ck} written; continue with --resume", file=sys.stderr)
+        return 128 + signum
     if trainer.is_main:
         out = Path(config.output_dir)
         saved = f"; model: {out / 'model'}" if config.save_model_at_end else ""

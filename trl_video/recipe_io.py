@@ -128,7 +128,7 @@ def env_refs(value: Any) -> dict[str, str]:
     return found
 
 
-def expand_env(value: Any, where: str = "recipe") -> Any:
+def expand_env(value: Any, where: str = "recipe", key: str = "") -> Any:
     """A copy of ``value`` with every ``${env:NAME}`` replaced by the environment variable."""
 
     def sub(s: str, key: str) -> str:
@@ -149,10 +149,10 @@ def expand_env(value: Any, where: str = "recipe") -> Any:
             return sub(v, key)
         return v
 
-    return walk(value, "")
+    return walk(value, key)
 
 
-def expand_env_config(config: Any) -> Any:
+def expand_env_config(config: Any, where: str = "recipe") -> Any:
     """``config`` with ``${env:NAME}`` references in its string, list and mapping fields resolved (a copy when
     anything changes; references are strings, so the parser's type checks saw them as such)."""
     import dataclasses
@@ -161,7 +161,7 @@ def expand_env_config(config: Any) -> Any:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, (str, list, dict)) and env_refs_named(value):
-            changes[f.name] = expand_env(value, where=f"recipe key '{f.name}'")
+            changes[f.name] = expand_env(value, where=where, key=f.name)
     return dataclasses.replace(config, **changes) if changes else config
 
 
