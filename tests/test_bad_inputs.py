@@ -952,15 +952,6 @@ def test_broken_video_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert not (tmp_path / "lat").exists()
 
 
-def test_bogus_disabled_plugin_name(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(DISABLE_ENV, "vidrl-plugin-no-such-thing")
-    monkeypatch.setattr(plugins, "_DEFAULT", None)
-    recipe = write_recipe(tmp_path / "recipe.yaml")
-    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out", "--dry-run"))
-    assert_one_line_error(code, err, DISABLE_ENV, "'vidrl-plugin-no-such-thing'")
-
-
 # ------------------------------------------------------------------------------------------------ secrets
 def test_secrets_are_masked_where_recipes_are_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                       reward_module: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -169,17 +169,6 @@ def make_plugin_manager(load_entrypoints: bool = True, extra_plugins: Iterable[o
         from . import builtin
 
         pm.register(builtin, name="builtin")
-    extra_plugins = list(extra_plugins)
-    if load_entrypoints and disabled:
-        known = {"builtin"}
-        for ep in md.entry_points(group=PROJECT_NAME):
-            known |= {ep.name, ep.value.split(":")[0].split(".")[0]}
-            if ep.dist is not None:
-                known |= {ep.dist.name, ep.dist.name.replace("_", "-"), ep.dist.name.replace("-", "_")}
-        unknown = sorted(disabled - known - {getattr(p, "__name__", None) for p in extra_plugins})
-        if unknown:
-            raise PluginError(f"{DISABLE_ENV}: no installed plugin is named '{unknown[0]}' (installed: "
-                              f"{', '.join(sorted(n for n in known if n != 'builtin'))})")
     for plugin in extra_plugins:
         name = getattr(plugin, "__name__", None) or repr(plugin)
         known.add(name)
