@@ -277,5 +277,12 @@ def validate_config(config: Any, plan: Any, registry: Any, check_model: bool = T
     if check_model:
         check_model_geometry(config)
     built = check_components(config, plan, registry)
-    _ = config.per_process_batch  # divisible by the number of processes
+    # divisible by the number of processes; read from the launcher's environment, because creating accelerate's
+    # PartialState here (before the trainer's Accelerator) would fix its settings too early
+    import os
+
+    n = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if config.global_batch % n:
+        raise TrlVideoError(f"prompts_per_step*group_size = {config.global_batch} is not divisible by the {n} "
+                            f"processes")
     return built
