@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
+import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -56,10 +63,65 @@ def reward_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         latent_energy.differentiable = True
 
         def nan_reward(inputs, prompts):
-            return float("nan")
+            return inputs.new_full((inputs.shape[0],), float("nan"))
 
         nan_reward.space = "latent"
         nan_reward.differentiable = True
+
+        def blackbox(inputs, prompts):
+            return inputs.float().flatten(1).mean(1).detach()
+
+        blackbox.space = "latent"
+        blackbox.differentiable = False
+
+        def list_reward(inputs, prompts):
+            return [0.5] * inputs.shape[0]
+
+        list_reward.space = "latent"
+        list_reward.differentiable = True
+
+        def int_reward(inputs, prompts):
+            import torch
+            return torch.ones(inputs.shape[0], dtype=torch.int64)
+
+        int_reward.space = "latent"
+        int_reward.differentiable = True
+
+        def str_reward(inputs, prompts):
+            return ["good"] * inputs.shape[0]
+
+        str_reward.space = "latent"
+        str_reward.differentiable = True
+
+        KILL = {"at": None, "calls": 0}
+
+        def sigterm_energy(inputs, prompts):
+            # latent_energy that sends this process a real SIGTERM during its KILL["at"]-th call
+            import os
+            import signal
+            KILL["calls"] += 1
+            if KILL["calls"] == KILL["at"]:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return -(inputs.float() ** 2).flatten(1).mean(1)
+
+        sigterm_energy.space = "latent"
+        sigterm_energy.differentiable = True
+
+        class ServiceReward:
+            space = "latent"
+            differentiable = True
+
+            def __init__(self, api_key, endpoint=""):
+                self.api_key, self.endpoint = api_key, endpoint
+
+            def __call__(self, inputs, prompts):
+                return -(inputs.float() ** 2).flatten(1).mean(1)
+
+        def raising_reward(inputs, prompts):
+            raise ValueError("scoring service said no")
+
+        raising_reward.space = "latent"
+        raising_reward.differentiable = True
     """))
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(folder))
@@ -114,6 +176,10 @@ def assert_one_line_error(code: int, err: str, *culprits: str, glued_ok: bool = 
     assert len(lines) == 1, f"expected exactly one stderr line, got {len(lines)}:\n{err}"
     line = lines[0]
     assert line.startswith("error: "), line
+    if os.environ.get("TRLV_BAD_INPUTS_LOG"):  # docs/bad-inputs.md is built from these records
+        with open(os.environ["TRLV_BAD_INPUTS_LOG"], "a") as f:
+            f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0],
+                                "code": code, "error": line}) + "\n")
     for c in culprits:
         assert c in line, f"{c!r} not named in: {line}"
     return line
@@ -340,3 +406,594 @@ def test_dry_run_refl_wan_names_missing_prompts(tmp_path: Path, capsys: pytest.C
     code, out, err = run_cli(capsys, ["train", "--recipe", REPO / "recipes" / "refl_wan.yaml", "--dry-run",
                                       "--output-dir", str(tmp_path / "shipped")])
     assert code == 0, err
+
+
+# ------------------------------------------------------------------------------------------------ validation
+#: (recipe keys, culprits named in the error) -- every case is refused identically by --dry-run and by train,
+#: before anything is loaded or written
+VALIDATION_CASES = [
+    pytest.param({"lora_r": 0}, ["lora_r must be >= 1", "got 0"], id="lora-rank-zero"),
+    pytest.param({"adam_beta1": 2}, ["adam_beta1 must be < 1", "got 2"], id="adam-beta1-2"),
+    pytest.param({"adam_beta2": -0.1}, ["adam_beta2"], id="adam-beta2-negative"),
+    pytest.param({"adam_epsilon": 0}, ["adam_epsilon must be > 0"], id="adam-epsilon-zero"),
+    pytest.param({"weight_decay": -0.1}, ["weight_decay"], id="weight-decay-negative"),
+    pytest.param({"lr_scheduler_type": "cosin"}, ["lr_scheduler_type", "'cosin'", "did you mean 'cosine'"],
+                 id="unknown-scheduler"),
+    pytest.param({"lr_scheduler_type": "reduce_lr_on_plateau"}, ["lr_scheduler_type", "reduce_lr_on_plateau"],
+                 id="unsupported-scheduler"),
+    pytest.param({"seed": -1}, ["seed", "got -1"], id="negative-seed"),
+    pytest.param({"save_steps": -1}, ["save_steps"], id="negative-save-steps"),
+    pytest.param({"save_total_limit": 0}, ["save_total_limit"], id="save-total-limit-zero"),
+    pytest.param({"max_grad_norm": -1.0}, ["max_grad_norm"], id="negative-max-grad-norm"),
+    pytest.param({"warmup_steps": -5}, ["warmup_steps"], id="negative-warmup"),
+    pytest.param({"ema_decay": 1.0}, ["ema_decay must be < 1"], id="ema-decay-one"),
+    pytest.param({"learning_rate": float("nan")}, ["learning_rate must be > 0", "nan"], id="learning-rate-nan"),
+    pytest.param({"eval_num_steps": 0}, ["eval_num_steps"], id="eval-num-steps-zero"),
+    pytest.param({"learning_rate": float("inf")}, ["learning_rate", "finite"], id="learning-rate-inf"),
+    pytest.param({"lora_target_modules": []}, ["lora_target_modules"], id="no-lora-targets"),
+    pytest.param({"height": 30}, ["height 30", "multiple of 8", "tiny-wan-random"], id="height-not-patch-multiple"),
+    pytest.param({"width": 36}, ["width 36", "multiple of 8"], id="width-not-patch-multiple"),
+    pytest.param({"height": 512}, ["height 512", "too large", "at most 256"], id="height-beyond-rope"),
+    pytest.param({"num_frames": 8}, ["num_frames 8", "2k+1", "e.g. 7"], id="num-frames-not-2k+1"),
+    pytest.param({"num_frames": 101}, ["num_frames 101", "too large"], id="num-frames-beyond-rope"),
+    pytest.param({"model": "tiny-cogvideox-random", "num_frames": 7}, ["num_frames 7", "4k+1"],
+                 id="num-frames-cogvideox-not-4k+1"),
+    pytest.param({"eval_rewards": ["lumnance"]}, ["eval_rewards[0]", "unknown reward 'lumnance'"],
+                 id="unknown-eval-reward"),
+    pytest.param({"reward_args": {"scale": 2}}, ["reward_args", "'scale'"], id="unknown-reward-arg"),
+    pytest.param({"sampler_args": {"num_stps": 2}}, ["sampler_args", "'num_stps'", "did you mean 'num_steps'"],
+                 id="unknown-sampler-arg"),
+    pytest.param({"sampler_args": {"num_steps": 2, "grad_steps": 5}}, ["grad_steps"], id="grad-steps-beyond-steps"),
+    pytest.param({"estimator": "group", "group_size": 2, "estimator_args": {"std": "bogus"}},
+                 ["estimator_args.std", "bogus"], id="bad-estimator-choice"),
+    pytest.param({"method": "fcrm", "sampler_args": {"num_steps": 2}, "group_size": 1},
+                 ["group_size is 1", "estimator 'group'"], id="group-estimator-group-size-1"),
+    pytest.param({"replay": "offline"}, ["replay 'offline'", "offline_latents"], id="offline-replay-without-data"),
+    pytest.param({"sampler_args": {"num_steps": 2, "grad_steps": 1, "behaviour": "ema"}},
+                 ["behaviour 'ema'", "ema_decay"], id="ema-behaviour-without-ema"),
+    pytest.param({"prompts": "world:test"}, ["prompts", "world:test"], id="unknown-world-split"),
+    pytest.param({"push_to_hub": True}, ["push_to_hub", "hub_model_id"], id="push-without-repo"),
+    pytest.param({"hub_model_id": "no-slash"}, ["hub_model_id", "no-slash"], id="bad-hub-id"),
+    pytest.param({"reward": "luminance+motion", "reward_args": {"weights": {"lum": 1}}},
+                 ["reward_args.weights", "luminance+motion"], id="reward-sum-bad-weight-key"),
+    pytest.param({"reward": "luminance+motion", "reward_args": {"luminance": {"foo": 1}}},
+                 ["part 'luminance'", "'foo'"], id="reward-sum-bad-part-arg"),
+    pytest.param({"prompt_column": " "}, ["prompt_column", "empty"], id="blank-prompt-column"),
+]
+
+
+@pytest.mark.parametrize("mode", ["dry-run", "train"])
+@pytest.mark.parametrize(("recipe_extra", "culprits"), VALIDATION_CASES)
+def test_validation_shared_by_dry_run_and_train(tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str,
+                                                recipe_extra: dict[str, Any], culprits: list[str]) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", **recipe_extra)
+    out = tmp_path / "out"
+    extra = ["--dry-run"] if mode == "dry-run" else []
+    code, stdout, err = run_cli(capsys, train_argv(recipe, out, *extra))
+    assert_one_line_error(code, err, *culprits)
+    assert "valid" not in stdout and not out.exists()
+
+
+def test_non_differentiable_reward_under_refl(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              reward_module: str) -> None:
+    name = f"{reward_module}:blackbox"
+    recipe = write_recipe(tmp_path / "recipe.yaml", reward=name)
+    for extra in (["--dry-run"], []):
+        code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out", *extra))
+        assert_one_line_error(code, err, f"reward '{name}' is not differentiable", "method 'refl'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_valid_dry_run_means_the_run_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            reward_module: str) -> None:
+    """The other side of the shared validation: a recipe using the geometry limits exactly passes the dry run
+    and trains."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", reward=f"{reward_module}:latent_energy", height=16, width=24,
+                          num_frames=5, lr_scheduler_type="cosine", eval_rewards=["motion"], lora_r=2)
+    code, stdout, err = run_cli(capsys, train_argv(recipe, tmp_path / "out", "--dry-run"))
+    assert code == 0 and "valid" in stdout, err
+    code, stdout, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert code == 0 and "done: 1 steps" in stdout, err
+
+
+# ------------------------------------------------------------------------------------------------ YAML
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize(
+    ("text", "culprits"),
+    [
+        pytest.param("max_steps: 1\nmodel: tiny-wan-random\nmax_steps: 3\n",
+                     ["duplicate key 'max_steps'", "lines 1 and 3"], id="duplicate-key"),
+        pytest.param("", ["is empty"], id="empty-recipe"),
+        pytest.param("# only a comment\n", ["is empty"], id="comment-only-recipe"),
+        pytest.param(BOMB, ["expands to more than 100000 values"], id="alias-bomb"),
+        pytest.param("a: &a [*a]\n", ["contains itself"], id="recursive-alias"),
+        pytest.param("max_steps: 1\nreward_args:\n  api_key: ${env:TRLV_SURELY_UNSET_VAR}\n",
+                     ["reward_args.api_key", "TRLV_SURELY_UNSET_VAR", "not set"], id="unset-env-reference"),
+        pytest.param("model: !!python/object/apply:os.system ['true']\n", ["not valid YAML"], id="python-tag"),
+    ],
+)
+def test_bad_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, culprits: list[str]) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    line = assert_one_line_error(code, err, *culprits)
+    assert str(recipe) in line
+    assert snapshot(tmp_path) == before
+
+
+def test_alias_bomb_is_measured_without_expanding(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bomb (under 600 bytes, 9**9 values) is refused by --dry-run too, and the size check visits each
+    distinct list once instead of expanding it."""
+    from trl_video import recipe_io
+
+    assert len(BOMB) <= 600
+    visits = []
+    real = recipe_io.expanded_size
+    monkeypatch.setattr(recipe_io, "expanded_size", lambda v, limit=recipe_io.MAX_RECIPE_VALUES: visits.append(1)
+                        or real(v, limit))
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(BOMB)
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out", "--dry-run"))
+    assert_one_line_error(code, err, "expands to more than")
+    assert visits == [1]
+    data = yaml.safe_load(BOMB)
+    assert real(data, limit=10**12) == 1 + sum(1 + real(v, 10**12) for v in data.values()) > 9**9
+
+
+def test_recipe_too_large(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "big.yaml"
+    recipe.write_text("max_steps: 1\n" + "# padding\n" * 120_000)
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, str(recipe), "bytes", "limited to 1048576")
+
+
+def test_recipe_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, train_argv(tmp_path, tmp_path / "out"))
+    assert_one_line_error(code, err, str(tmp_path), "is a folder")
+
+
+def test_recipe_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "latin1.yaml"
+    recipe.write_bytes("model: caf\xe9\n".encode("latin-1"))
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, str(recipe), "UTF-8")
+
+
+# ------------------------------------------------------------------------------------------------ eval
+def fake_model_dir(root: Path) -> Path:
+    """A run folder whose model/ has a model_index.json (enough for argument checks that precede loading)."""
+    (root / "model").mkdir(parents=True)
+    (root / "model" / "model_index.json").write_text("{}")
+    (root / "eval").mkdir()
+    (root / "eval" / "eval_results.json").write_text('{"reward_after": 0.5}')
+    (root / "metrics.jsonl").write_text('{"step": 1}\n')
+    return root
+
+
+@pytest.mark.parametrize(
+    ("extra", "culprits"),
+    [
+        pytest.param(["--num-steps", "0"], ["--num-steps", ">= 1", "got 0"], id="eval-num-steps-0"),
+        pytest.param(["--num-prompts", "0"], ["--num-prompts", "got 0"], id="eval-num-prompts-0"),
+        pytest.param(["--seed", "-3"], ["--seed", "got -3"], id="eval-negative-seed"),
+    ],
+)
+def test_eval_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str],
+                            culprits: list[str]) -> None:
+    run = fake_model_dir(tmp_path / "run")
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, ["eval", "--checkpoint", run, *extra])
+    assert_one_line_error(code, err, *culprits)
+    assert snapshot(run) == before
+
+
+def test_eval_never_replaces_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = fake_model_dir(tmp_path / "run")
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, ["eval", "--checkpoint", run, "--out", run / "eval", "--num-prompts", "1"])
+    assert_one_line_error(code, err, "--out", str(run / "eval"), "not empty")
+    assert snapshot(run) == before
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, reward_module: str) -> tuple[Path, Path]:
+    """A finished 2-step run with checkpoint-1 and checkpoint-2 (latent reward: fast), and its recipe. The prompt
+    file is named relatively, so a test can swap its content by changing directory."""
+    root = tmp_path_factory.mktemp("trained")
+    (root / "prompts.jsonl").write_text("".join(f'{{"prompt": "prompt {i}"}}\n' for i in range(4)))
+    recipe = write_recipe(root / "recipe.yaml", reward=f"{reward_module}:latent_energy", max_steps=2, save_steps=1,
+                          prompts="prompts.jsonl")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        assert cli.main(train_argv(recipe, root / "run")) == 0
+    return recipe, root / "run"
+
+
+@pytest.fixture
+def run_copy(trained_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    recipe, run = trained_run
+    shutil.copytree(run, tmp_path / "run")
+    shutil.copy(recipe.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
+    monkeypatch.chdir(tmp_path)
+    return recipe, tmp_path / "run"
+
+
+def _flip_byte(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def _edit_step(p: Path) -> None:
+    state = json.loads(p.read_text())
+    state["global_step"] = -2
+    p.write_text(json.dumps(state))
+
+
+DAMAGE = {
+    "flipped-byte": ("trainable.safetensors", _flip_byte, "trainable.safetensors does not match its sha256"),
+    "truncated": ("optimizers.pt", lambda p: p.write_bytes(p.read_bytes()[:100]), "optimizers.pt has 100 bytes"),
+    "missing-file": ("rng-0.pt", lambda p: p.unlink(), "rng-0.pt is missing"),
+    "no-manifest": ("manifest.json", lambda p: p.unlink(), "no manifest.json"),
+    "negative-global-step": ("trainer_state.json", _edit_step, "trainer_state.json"),
+    "partial-checkpoint": ("trainer_state.json", lambda p: p.unlink(), "trainer_state.json is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_latest_checkpoint_names_the_intact_one(run_copy: tuple[Path, Path],
+                                                         capsys: pytest.CaptureFixture[str], damage: str) -> None:
+    recipe, run = run_copy
+    name, fn, reason = DAMAGE[damage]
+    fn(run / "checkpoint-2" / name)
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, train_argv(recipe, run, "--resume"))
+    assert_one_line_error(code, err, f"latest checkpoint '{run / 'checkpoint-2'}' is damaged", reason,
+                          f"newest intact checkpoint is '{run / 'checkpoint-1'}'", f"--resume {run / 'checkpoint-1'}")
+    assert snapshot(run) == before
+
+
+def test_no_intact_checkpoint_left(run_copy: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    recipe, run = run_copy
+    for ck in ("checkpoint-1", "checkpoint-2"):
+        _flip_byte(run / ck / "trainable.safetensors")
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, train_argv(recipe, run, "--resume"))
+    assert_one_line_error(code, err, "checkpoint-2", "no intact checkpoint is left")
+    assert snapshot(run) == before
+
+
+def test_resume_from_the_named_intact_checkpoint(run_copy: tuple[Path, Path],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The way out the error names works, and the rows logged after checkpoint-1 are not repeated."""
+    recipe, run = run_copy
+    _flip_byte(run / "checkpoint-2" / "trainable.safetensors")
+    code, out, err = run_cli(capsys, train_argv(recipe, run, "--resume", run / "checkpoint-1"))
+    assert code == 0, err
+    assert "dropped 1 metrics rows logged after step 1" in out
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert "checkpoint-2" in {p.name for p in run.iterdir()}
+    assert not (run / ".trl-video.lock").exists()
+
+
+def test_tensor_of_the_wrong_shape_is_refused(run_copy: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A consistent checkpoint (manifest rewritten) from another model shape: refused, never broadcast."""
+    from safetensors.torch import load_file, save_file
+
+    from trl_video.checkpointing import write_manifest
+
+    recipe, run = run_copy
+    ck = run / "checkpoint-2"
+    tensors = load_file(str(ck / "trainable.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name][:1].clone()
+    save_file(tensors, str(ck / "trainable.safetensors"))
+    (ck / "manifest.json").unlink()
+    write_manifest(ck)
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, train_argv(recipe, run, "--resume"))
+    assert_one_line_error(code, err, str(ck), name.split("/", 1)[1], "the model has")
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "keys"),
+    [
+        pytest.param(["--set", "learning_rate=0.5"], ["learning_rate"], id="resume-changed-lr"),
+        pytest.param(["--set", "reward=luminance"], ["reward"], id="resume-changed-reward"),
+        pytest.param(["--set", "lora_r=4"], ["lora_r"], id="resume-changed-lora-rank"),
+        pytest.param(["--set", "sampler_args.num_steps=3"], ["sampler_args.num_steps"], id="resume-changed-sampler"),
+        pytest.param(["--set", "seed=5", "--set", "group_size=2"], ["group_size", "seed"], id="resume-two-changes"),
+    ],
+)
+def test_resume_refuses_unsafe_recipe_changes(run_copy: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                                              extra: list[str], keys: list[str]) -> None:
+    recipe, run = run_copy
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, train_argv(recipe, run, "--resume", *extra))
+    line = assert_one_line_error(code, err, f"cannot resume '{run / 'checkpoint-2'}'", "--accept-recipe-changes")
+    assert f"the recipe differs in {', '.join(keys)};" in line
+    assert snapshot(run) == before
+
+
+def test_resume_refuses_a_changed_prompt_list(run_copy: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                                              tmp_path: Path) -> None:
+    recipe, run = run_copy
+    with open(tmp_path / "prompts.jsonl", "a") as f:
+        f.write('{"prompt": "one more prompt"}\n')
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, train_argv(recipe, run, "--resume", "--set", "max_steps=3"))
+    assert_one_line_error(code, err, "data.num_prompts", "data.prompts_sha256")
+    assert snapshot(run) == before
+
+
+def test_resume_safe_and_accepted_changes_are_logged(run_copy: tuple[Path, Path],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    recipe, run = run_copy
+    code, out, err = run_cli(capsys, train_argv(recipe, run, "--resume", "--set", "max_steps=3",
+                                                "--set", "learning_rate=0.5", "--accept-recipe-changes"))
+    assert code == 0, err
+    assert "resume: max_steps 2 -> 3" in out and "accepted recipe changes in learning_rate" in out
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # output_dir is a safe change too: the test resumes a copy of the run
+    assert rows[2]["accepted_recipe_changes"] == "learning_rate"
+    assert rows[2]["safe_recipe_changes"] == "max_steps,output_dir"
+    # known gap: the checkpoint's optimiser/scheduler state still sets the LR after an accepted learning_rate change
+    assert rows[2]["resumed_from_step"] == 2
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["resume-missing-dir", "resume-empty-dir"])
+def test_resume_into_an_empty_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str], exists: bool) -> None:
+    out = tmp_path / "fresh"
+    if exists:
+        out.mkdir()
+    recipe = write_recipe(tmp_path / "recipe.yaml")
+    code, _, err = run_cli(capsys, train_argv(recipe, out, "--resume"))
+    assert_one_line_error(code, err, "--resume", str(out), "nothing to resume")
+    assert out.exists() == exists and (not exists or not any(out.iterdir()))
+
+
+def test_damaged_checkpoint_blocks_a_fresh_run(run_copy: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    recipe, run = run_copy
+    shutil.rmtree(run / "checkpoint-1")
+    (run / "checkpoint-2" / "trainer_state.json").unlink()
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, train_argv(recipe, run))
+    assert_one_line_error(code, err, str(run), "checkpoint-2", "--resume")
+    assert snapshot(run) == before
+
+
+# ------------------------------------------------------------------------------------------------ lock
+def test_output_dir_in_use(tmp_path: Path, capsys: pytest.CaptureFixture[str], reward_module: str) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".trl-video.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
+    before = snapshot(out)
+    recipe = write_recipe(tmp_path / "recipe.yaml", reward=f"{reward_module}:latent_energy")
+    code, _, err = run_cli(capsys, train_argv(recipe, out))
+    assert_one_line_error(code, err, str(out), "in use by another run", f"pid {os.getpid()}", str(lock))
+    assert snapshot(out) == before
+
+
+def test_stale_lock_is_taken_over(tmp_path: Path, capsys: pytest.CaptureFixture[str], reward_module: str) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".trl-video.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    recipe = write_recipe(tmp_path / "recipe.yaml", reward=f"{reward_module}:latent_energy")
+    code, out_text, err = run_cli(capsys, train_argv(recipe, out))
+    assert code == 0, err
+    assert f"removed the stale lock {out / '.trl-video.lock'}" in err and "done: 1 steps" in out_text
+    assert not (out / ".trl-video.lock").exists()
+
+
+# ------------------------------------------------------------------------------------------------ signals
+def test_sigterm_then_resume_is_bit_identical(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              reward_module: str) -> None:
+    """SIGTERM (a real signal to this process, sent from inside the reward) at a random step: the step
+    finishes, a checkpoint is written, exit 143; --resume then ends with weights equal to an uninterrupted
+    run's and a metrics.jsonl without repeated steps."""
+    import importlib
+    import random
+
+    from safetensors.torch import load_file
+
+    mod = importlib.import_module(reward_module)
+    max_steps = 4
+    at = random.randint(1, max_steps - 1)
+    recipe = write_recipe(tmp_path / "recipe.yaml", reward=f"{reward_module}:sigterm_energy", max_steps=max_steps,
+                          save_steps=3, save_total_limit=1)
+    mod.KILL.update(at=None, calls=0)
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "straight"))
+    assert code == 0, err
+    mod.KILL.update(at=at, calls=0)
+    run = tmp_path / "interrupted"
+    code, _, err = run_cli(capsys, train_argv(recipe, run))
+    assert code == 128 + signal.SIGTERM, f"SIGTERM at step {at}: exit {code}\n{err}"
+    assert "Traceback" not in err
+    assert f"error: stopped by SIGTERM after step {at}: checkpoint {run / f'checkpoint-{at}'} written" in err
+    assert (run / f"checkpoint-{at}").is_dir() and not (run / "model").exists()
+    mod.KILL.update(at=None, calls=0)
+    code, _, err = run_cli(capsys, train_argv(recipe, run, "--resume"))
+    assert code == 0, err
+    a = load_file(str(tmp_path / "straight" / f"checkpoint-{max_steps}" / "trainable.safetensors"))
+    b = load_file(str(run / f"checkpoint-{max_steps}" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), (at, k)
+    init = load_file(str(run / f"checkpoint-{at}" / "trainable.safetensors")) if at == 3 else None
+    assert init is None or any(not torch.equal(init[k], b[k]) for k in b)  # the weights moved after resume
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, max_steps + 1)), (at, steps)
+
+
+def test_sigterm_real_subprocess(tmp_path: Path, reward_module: str) -> None:
+    """The CLI as a user runs it, stopped from outside once it has logged a step."""
+    import time
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", reward=f"{reward_module}:latent_energy", max_steps=500)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(importlib_util_origin(reward_module)).parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "trl_video.cli", *train_argv(recipe, out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    last = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(last) == 1 and "stopped by SIGTERM" in last[0] and "--resume" in last[0]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    from trl_video.checkpointing import verify_checkpoint
+
+    ck = out / f"checkpoint-{steps[-1]}"
+    assert str(ck) in last[0] and verify_checkpoint(ck) is None
+    assert not (out / ".trl-video.lock").exists()
+
+
+def importlib_util_origin(module: str) -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None
+    return spec.origin
+
+
+# ------------------------------------------------------------------------------------------------ rewards / data
+@pytest.mark.parametrize(
+    ("fn", "culprits"),
+    [
+        pytest.param("list_reward", ["returned a list", "floating-point tensor of shape (2,)"], id="reward-returns-list"),
+        pytest.param("int_reward", ["returned torch.int64 values"], id="reward-returns-int64"),
+        pytest.param("str_reward", ["returned a list"], id="reward-returns-strings"),
+        pytest.param("raising_reward", ["failed: ValueError: scoring service said no"], id="reward-raises"),
+    ],
+)
+def test_bad_reward_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str], reward_module: str, fn: str,
+                            culprits: list[str]) -> None:
+    name = f"{reward_module}:{fn}"
+    recipe = write_recipe(tmp_path / "recipe.yaml", reward=name)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, train_argv(recipe, out))
+    assert_one_line_error(code, err, f"reward '{name}'", *culprits, glued_ok=True)
+    assert not list(out.glob("checkpoint-*")) and not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "culprits"),
+    [
+        pytest.param("", ["is empty"], id="prompts-file-empty"),
+        pytest.param('{"prompt": "a red circle"}\n{"prompt": "   "}\n{"prompt": ""}\n',
+                     ["2 row(s) have no prompt text", "rows [1, 2]"], id="blank-prompts"),
+        pytest.param('{"prompt": "a red circle"\n', ["cannot be read as json"], id="prompts-file-invalid-json"),
+    ],
+)
+def test_bad_prompt_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str,
+                          culprits: list[str]) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(content)
+    recipe = write_recipe(tmp_path / "recipe.yaml", prompts=str(prompts))
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, str(prompts), *culprits)
+    after = snapshot(tmp_path)
+    assert {k: after[k] for k in before} == before and not (tmp_path / "out").exists()
+
+
+def test_offline_latents_empty_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lat = tmp_path / "latents"
+    save_offline_latents(str(lat), [], torch.zeros(0, *TINY_WAN_LATENT))
+    recipe = write_recipe(tmp_path / "recipe.yaml", offline_latents=str(lat))
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, "offline_latents", str(lat), "holds no rows")
+
+
+def test_offline_latents_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lat = tmp_path / "latents"
+    lat.mkdir()
+    recipe = write_recipe(tmp_path / "recipe.yaml", offline_latents=str(lat))
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, "offline_latents", str(lat), "empty folder")
+
+
+def test_offline_latents_with_nan_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lat = tmp_path / "latents"
+    x = torch.zeros(4, *TINY_WAN_LATENT)
+    x[1, 0, 0, 0, 0] = float("nan")
+    x[3, 2, 1, 0, 0] = float("inf")
+    save_offline_latents(str(lat), [f"prompt {i}" for i in range(4)], x, rewards=torch.zeros(4))
+    recipe = write_recipe(tmp_path / "recipe.yaml", method="fcrm", offline_latents=str(lat), replay="offline",
+                          sampler_args={"num_steps": 2}, prompts_per_step=4)
+    before = snapshot(lat)
+    code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
+    assert_one_line_error(code, err, "offline_latents", str(lat), "rows [", "NaN/inf", glued_ok=True)
+    rows = re.search(r"rows \[([0-9, ]+)\]", err)
+    assert rows is not None and sorted(int(r) for r in rows.group(1).split(",")) == [1, 3]
+    assert snapshot(lat) == before
+
+
+def test_broken_video_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "clip.mp4").write_bytes(bytes(range(256)) * 8)
+    code, _, err = run_cli(capsys, ["encode", "--videos", videos, "--model", "tiny-wan-random",
+                                    "--out", tmp_path / "lat"])
+    line = assert_one_line_error(code, err, "cannot read video", str(videos / "clip.mp4"))
+    assert "ffmpeg version" not in err and "configuration:" not in err and len(line) < 400
+    assert not (tmp_path / "lat").exists()
+
+
+# ------------------------------------------------------------------------------------------------ secrets
+def test_secrets_are_masked_where_recipes_are_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      reward_module: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key named like a secret is masked and a value from the environment is written as its reference: in the
+    dry-run plan, trainer_state.json and the model card."""
+    secret, env_value = "sk-literal-0123456789", "http://127.0.0.1:9/private-9876543210"
+    monkeypatch.setenv("TRLV_TEST_ENDPOINT", env_value)
+    recipe = write_recipe(tmp_path / "recipe.yaml", reward=f"{reward_module}:ServiceReward", save_model_at_end=True,
+                          reward_args={"api_key": secret, "endpoint": "${env:TRLV_TEST_ENDPOINT}"})
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, train_argv(recipe, out, "--dry-run"))
+    assert code == 0, err
+    assert secret not in stdout + err and env_value not in stdout + err and "'api_key': '***'" in stdout
+    code, stdout, err = run_cli(capsys, train_argv(recipe, out))
+    assert code == 0, err
+    assert secret not in stdout + err and env_value not in stdout + err
+    written = [out / "checkpoint-1" / "trainer_state.json", out / "model" / "README.md"]
+    for p in written:
+        text = p.read_text()
+        assert secret not in text and env_value not in text and "${env:TRLV_TEST_ENDPOINT}" in text, p
+    state = json.loads(written[0].read_text())
+    assert state["config"]["reward_args"] == {"api_key": "***", "endpoint": "${env:TRLV_TEST_ENDPOINT}"}
+
+
+def test_redact_masks_secret_keys_everywhere() -> None:
+    from trl_video.recipe_io import MASK, redact
+
+    data = {"reward_args": {"api_key": "sk-1", "url": "http://x", "nested": [{"hf_token": "t"}]},
+            "PASSWORD": "p", "client_secret": "s", "max_steps": 3, "lora_target_modules": ["to_q"]}
+    out = redact(data, {"ENDPOINT": "http://x"})
+    assert out["reward_args"]["api_key"] == MASK and out["reward_args"]["nested"][0]["hf_token"] == MASK
+    assert out["PASSWORD"] == MASK and out["client_secret"] == MASK
+    assert out["reward_args"]["url"] == "${env:ENDPOINT}" and out["max_steps"] == 3
+    assert out["lora_target_modules"] == ["to_q"] and data["reward_args"]["api_key"] == "sk-1"

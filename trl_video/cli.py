@@ -16,15 +16,12 @@ from .errors import TrlVideoError
 
 
 def load_recipe(path: str) -> dict[str, Any]:
+    from .recipe_io import load_yaml_file
+
     p = Path(path)
-    if not p.exists():
-        raise TrlVideoError(f"recipe not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise TrlVideoError(f"recipe {p} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    data = load_yaml_file(p)
     if data is None:
-        data = {}
+        raise TrlVideoError(f"recipe {p} is empty (expected a mapping of config keys, e.g. `method: refl`)")
     if not isinstance(data, dict):
         raise TrlVideoError(f"recipe {p} must be a mapping of config keys, got {type(data).__name__}")
     return data
@@ -72,22 +69,35 @@ def cmd_train(argv: list[str]) -> int:
     from .parsing import parse_train_args
     from .plan import resolve_plan
     from .plugins import get_registry
+    from .recipe_io import env_refs, expand_env_config, redact
+    from .validation import validate_config
 
     parsed = parse_train_args(argv)
-    config, recipe = parsed.config, parsed.recipe
+    recipe = parsed.recipe  # keeps its ${env:NAME} references: it is what checkpoints and the model card record
+    config = expand_env_config(parsed.config, where=f"recipe {parsed.recipe_path or '(command line)'}")
     registry = get_registry()
     plan = resolve_plan(config, registry)
+    validate_config(config, plan, registry)  # the same checks as the trainer's: a valid dry run starts
     if parsed.dry_run:
-        _check_sources(config)
         print(f"recipe   {parsed.recipe_path or '(none: defaults and flags)'}: valid")
         print(f"model    {config.model}\noutput   {config.output_dir}")
         print(f"steps    {config.max_steps} x ({config.prompts_per_step} prompts x {config.group_size} samples)")
-        print(plan.describe())
+        print(redact(plan.describe(), env_refs(recipe)))
         return 0
     from .trainer import VideoRewardTrainer
 
-    trainer = VideoRewardTrainer(config, registry=registry, recipe=recipe, resume=parsed.resume)
+    trainer = VideoRewardTrainer(config, registry=registry, recipe=recipe, resume=parsed.resume,
+                                 accept_recipe_changes=parsed.accept_recipe_changes)
     result = trainer.train()
+    if result.get("interrupted"):
+        import signal
+
+        signum = result["interrupted"]
+        if trainer.is_main:
+            ck = Path(config.output_dir) / f"checkpoint-{result['global_step']}"
+            print(f"error: stopped by {signal.Signals(signum).name} after step {result['global_step']}: checkpoint "
+                  f"{ck} written; continue with --resume", file=sys.stderr)
+        return 128 + signum
     if trainer.is_main:
         out = Path(config.output_dir)
         saved = f"; model: {out / 'model'}" if config.save_model_at_end else ""
@@ -114,29 +124,6 @@ def _feature_line(res: dict[str, Any]) -> str:
     return "features: " + "; ".join(parts)
 
 
-def _check_sources(config: Any) -> None:
-    """Dry-run checks that need no weights: local files named by the recipe exist."""
-    from .models.presets import PRESETS
-
-    for key in ("prompts", "eval_prompts"):
-        src = getattr(config, key)
-        if not src.startswith("world:") and (src.startswith((".", "/")) or Path(src).suffix):
-            if not Path(src).exists():
-                raise TrlVideoError(f"{key}: file or folder not found: {src}")
-    if config.prompt_embeds and not Path(config.prompt_embeds).is_dir():
-        raise TrlVideoError(f"prompt_embeds: folder not found: {config.prompt_embeds}")
-    for i, entry in enumerate(config.prompt_datasets.get("datasets") or []):
-        files = entry.get("data_files") if isinstance(entry, dict) else None
-        for f in [files] if isinstance(files, str) else (files or []):
-            if isinstance(f, str) and not Path(f).exists():
-                raise TrlVideoError(f"prompt_datasets.datasets[{i}].data_files: file not found: {f}")
-    if config.offline_latents and not Path(config.offline_latents).exists():
-        raise TrlVideoError(f"offline_latents: folder not found: {config.offline_latents}")
-    m = config.model
-    if m not in PRESETS and (m.startswith((".", "/")) or m.count("/") != 1) and not Path(m).exists():
-        raise TrlVideoError(f"model: '{m}' is neither a preset, an existing folder, nor a hub id")
-
-
 def _model_dir(path: str) -> Path:
     p = Path(path)
     if (p / "model_index.json").exists():
@@ -152,7 +139,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .plan import build_reward
     from .plugins import get_registry
 
+    for flag, value in (("--num-steps", args.num_steps), ("--num-prompts", args.num_prompts)):
+        if value < 1:
+            raise TrlVideoError(f"{flag} must be >= 1, got {value}")
+    if args.seed < 0:
+        raise TrlVideoError(f"--seed must be >= 0, got {args.seed}")
     model_dir = _model_dir(args.checkpoint)
+    out = _eval_out(args.out, model_dir)
     meta_file = model_dir / "trl_video.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
     baseline = args.baseline or meta.get("base_model")
@@ -164,7 +157,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     after, before = load_policy(str(model_dir)), load_policy(baseline)
     prompts, seeds = eval_pairs(args.prompts, args.num_prompts, args.seed)
     metrics = model_dir.parent / "metrics.jsonl"
-    out = Path(args.out or (model_dir.parent / "eval"))
     res = evaluate(after, prompts, seeds, rewards, out, policy_before=before, num_steps=args.num_steps,
                    metrics_path=metrics if metrics.exists() else None, main_reward=names[0],
                    prompts_source=args.prompts)
@@ -172,6 +164,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"gain {res['gain']:.4f} +- {res['gain_sem']:.4f} (n={res['num_prompts']}); results in {out}")
     print(_feature_line(res))
     return 0
+
+
+def _eval_out(requested: str | None, model_dir: Path) -> Path:
+    """A folder of its own: never the run's ``eval/`` (written by training) nor any folder holding files."""
+    if requested:
+        out = Path(requested)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise TrlVideoError(f"--out '{out}' already exists and is not empty (nothing was overwritten); "
+                                f"choose a new folder")
+        return out
+    import time
+
+    base = model_dir.parent / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def cmd_encode(args: argparse.Namespace) -> int:

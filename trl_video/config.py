@@ -157,9 +157,9 @@ class VideoRewardConfig(ConfigBase):
     prompt_column: str = doc_field("prompt", "Column holding the prompt text.")
     offline_latents: str | None = doc_field(None, "Folder of an offline-latents dataset (save_to_disk) with columns prompt, "
                                            "latents[, reward, source].")
-    num_frames: int | None = doc_field(None, "Override the number of video frames (must be 4k+1 for the real VAEs).")
-    height: int | None = doc_field(None, "Override the video height in pixels.")
-    width: int | None = doc_field(None, "Override the video width in pixels.")
+    num_frames: int | None = doc_field(None, "Override the number of video frames (must be 4k+1 for the real VAEs).", ge=1)
+    height: int | None = doc_field(None, "Override the video height in pixels.", ge=1)
+    width: int | None = doc_field(None, "Override the video width in pixels.", ge=1)
 
     prompt_embeds: str | None = doc_field(None, "Folder of pre-encoded prompt embeddings (`trl-video encode-prompts`, "
                                          "an HF dataset saved with save_to_disk): prompts found there are read from "
@@ -173,16 +173,16 @@ class VideoRewardConfig(ConfigBase):
     group_size: int = doc_field(2, "Samples per prompt (G); groups may span processes.", ge=1)
     gradient_accumulation_steps: int = doc_field(1, "Micro-batches accumulated per optimiser step.", ge=1)
     learning_rate: float = doc_field(1e-4, "Learning rate of the policy (auxiliary modules set their own).", gt=0)
-    weight_decay: float = doc_field(0.0, "AdamW weight decay.")
-    adam_beta1: float = doc_field(0.9, "AdamW beta1.")
-    adam_beta2: float = doc_field(0.999, "AdamW beta2.")
-    adam_epsilon: float = doc_field(1e-8, "AdamW epsilon.")
+    weight_decay: float = doc_field(0.0, "AdamW weight decay.", ge=0.0)
+    adam_beta1: float = doc_field(0.9, "AdamW beta1.", ge=0.0, lt=1.0)
+    adam_beta2: float = doc_field(0.999, "AdamW beta2.", ge=0.0, lt=1.0)
+    adam_epsilon: float = doc_field(1e-8, "AdamW epsilon.", gt=0.0)
     lr_scheduler_type: str = doc_field("constant", "transformers scheduler name: constant, linear, cosine, "
                                             "constant_with_warmup, ...")
-    warmup_steps: int = doc_field(0, "Warm-up steps of the LR schedule.")
-    max_grad_norm: float = doc_field(1.0, "Gradient clipping norm (0 disables).")
+    warmup_steps: int = doc_field(0, "Warm-up steps of the LR schedule.", ge=0)
+    max_grad_norm: float = doc_field(1.0, "Gradient clipping norm (0 disables).", ge=0.0)
     gradient_checkpointing: bool = doc_field(False, "Enable gradient checkpointing in the transformer.")
-    ema_decay: float = doc_field(0.0, "Keep an EMA of the policy's trainable weights with this decay (0 = off).")
+    ema_decay: float = doc_field(0.0, "Keep an EMA of the policy's trainable weights with this decay (0 = off).", ge=0.0, lt=1.0)
     mixed_precision: Literal["no", "bf16", "fp16"] = doc_field(
         "no", "no | bf16 | fp16: frozen weights (text encoder, VAE, frozen transformer base / reference) are loaded "
               "in this dtype and forward passes run under autocast; fp16 adds a dynamic loss scaler (inf steps "
@@ -199,13 +199,13 @@ class VideoRewardConfig(ConfigBase):
     fsdp_config: dict[str, Any] = doc_field({}, "FSDP2 options: reshard_after_forward (bool, default true), "
                                                 "shard_size (int: HSDP, shard within groups of this many ranks and "
                                                 "replicate across them; 0 = all ranks).")
-    seed: int = doc_field(0, "Random seed (prompt order, noise, initialisation).")
+    seed: int = doc_field(0, "Random seed (prompt order, noise, initialisation).", ge=0, le=2**32 - 1)
 
     # ---- LoRA: trl.ModelConfig's fields, turned into a peft LoraConfig by trl.get_peft_config
     use_peft: bool = doc_field(True, "Train a LoRA adapter (reference = the base with the adapter disabled); false: full "
                                      "fine-tuning (reference = a frozen copy). Was `use_lora`.")
     lora_r: int = doc_field(8, "LoRA rank. Was `lora_rank`.", ge=1)
-    lora_alpha: float | None = doc_field(None, "LoRA alpha (default: lora_r, i.e. scale 1).")
+    lora_alpha: float | None = doc_field(None, "LoRA alpha (default: lora_r, i.e. scale 1).", gt=0.0)
     lora_dropout: float = doc_field(0.0, "LoRA dropout.", ge=0.0, lt=1.0)
     lora_target_modules: list[str] = doc_field(["to_q", "to_k", "to_v", "to_out.0"], "Modules that get LoRA adapters.")
     use_rslora: bool = doc_field(False, "Rank-stabilised LoRA: scale lora_alpha / sqrt(r) instead of lora_alpha / r.")
@@ -214,8 +214,8 @@ class VideoRewardConfig(ConfigBase):
     # ---- logging / saving
     output_dir: str = doc_field("out/run", "Where checkpoints, logs, samples and the final model go.")
     logging_steps: int = doc_field(1, "Log every N steps (trackers + metrics.jsonl).", ge=1)
-    save_steps: int = doc_field(0, "Checkpoint every N steps (0: only at the end).")
-    save_total_limit: int | None = doc_field(2, "Keep at most this many checkpoints.")
+    save_steps: int = doc_field(0, "Checkpoint every N steps (0: only at the end).", ge=0)
+    save_total_limit: int | None = doc_field(2, "Keep at most this many checkpoints.", ge=1)
     report_to: str | list[str] = doc_field("tensorboard", "Trackers (accelerate's): tensorboard (default), wandb, trackio, "
                                                      "comet_ml, mlflow, aim, clearml, dvclive, swanlab; a list or "
                                                      "a comma-separated string; all = every installed one; none.")
@@ -224,8 +224,8 @@ class VideoRewardConfig(ConfigBase):
     # ---- evaluation
     eval_at_end: bool = doc_field(False, "Run `trl-video eval` (before/after rewards, GIFs, JSON) when training ends.")
     eval_prompts: str = doc_field("world:heldout", "Prompt source for evaluation.")
-    eval_num_prompts: int = doc_field(32, "Number of (prompt, seed) pairs evaluated.")
-    eval_num_steps: int = doc_field(20, "ODE steps used to sample at evaluation.")
+    eval_num_prompts: int = doc_field(32, "Number of (prompt, seed) pairs evaluated.", ge=1)
+    eval_num_steps: int = doc_field(20, "ODE steps used to sample at evaluation.", ge=1)
     eval_rewards: list[str] = doc_field([], "Extra reward names reported at evaluation (the training reward is always).")
 
     # ---- hub

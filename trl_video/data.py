@@ -76,7 +76,16 @@ def load_prompt_dataset(source: str | dict[str, Any], column: str = "prompt"):
         raise TrlVideoError(f"prompts '{source}' has no column '{column}' (columns: {', '.join(ds.column_names)})")
     if len(ds) == 0:
         raise TrlVideoError(f"prompts '{source}' is empty")
+    blank = [i for i, p in enumerate(ds[column]) if not isinstance(p, str) or not p.strip()]
+    if blank:
+        raise TrlVideoError(f"prompts '{source}': {len(blank)} row(s) have no prompt text in column '{column}' "
+                            f"(rows {blank[:5]})")
     return ds
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 def load_prompts(source: str | dict[str, Any], column: str = "prompt") -> list[str]:
@@ -131,10 +140,18 @@ class OfflineLatents:
         p = Path(path).expanduser()
         if not p.exists():
             raise TrlVideoError(f"offline_latents: folder not found: {p}")
+        if p.is_dir() and not any(p.iterdir()):
+            raise TrlVideoError(f"offline_latents '{p}' is an empty folder (expected a dataset saved with "
+                                f"save_to_disk, e.g. by `trl-video encode`)")
+        state = p / "state.json"
+        if state.is_file() and json.loads(state.read_text()).get("_data_files") == []:
+            raise TrlVideoError(f"offline_latents '{p}' holds no rows")
         try:
             ds = datasets.load_from_disk(str(p))
         except Exception as exc:
             raise TrlVideoError(f"offline_latents: '{p}' is not a dataset saved with save_to_disk ({exc})") from exc
+        if len(ds) == 0:
+            raise TrlVideoError(f"offline_latents '{p}' holds no rows")
         for col in ("prompt", "latents"):
             if col not in ds.column_names:
                 raise TrlVideoError(f"offline_latents '{p}' has no column '{col}' (columns: {', '.join(ds.column_names)})")
@@ -172,6 +189,10 @@ class OfflineLatents:
         mine = idx[rank * n:(rank + 1) * n]
         rows = self.ds[mine]
         lat = rows["latents"].float().to(ctx.device)
+        bad = (~torch.isfinite(lat).flatten(1).all(1)).nonzero().flatten().tolist()
+        if bad:
+            raise TrlVideoError(f"offline_latents '{self.path}': rows {[mine[i] for i in bad][:8]} hold NaN/inf "
+                                f"latents")
         prompts = list(rows["prompt"])
         emb, _ = ctx.policy.encode_prompts(prompts)
         rewards = None
@@ -208,7 +229,7 @@ def read_video(path: Path, num_frames: int, height: int, width: int) -> torch.Te
     try:
         frames = iio.imread(path, index=None)
     except Exception as exc:
-        raise TrlVideoError(f"cannot read video '{path}': {type(exc).__name__}: {exc}") from exc
+        raise TrlVideoError(f"cannot read video '{path}': {type(exc).__name__}: {_reader_reason(exc)}") from exc
     arr = np.asarray(frames)
     if arr.ndim == 3:  # single frame / grayscale
         arr = arr[None] if arr.shape[-1] in (3, 4) else arr[..., None]
@@ -219,6 +240,16 @@ def read_video(path: Path, num_frames: int, height: int, width: int) -> torch.Te
     x = torch.from_numpy(arr[idx]).permute(0, 3, 1, 2)  # F,3,h,w
     x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
     return x.permute(1, 0, 2, 3).clamp(-1, 1)
+
+
+def _reader_reason(exc: BaseException) -> str:
+    """The reader's first line and, for ffmpeg, its last diagnostic line (never the version banner)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    detail = [ln for ln in lines[1:] if not ln.startswith(("===", "ffmpeg version", "built with", "configuration:",
+                                                            "lib", "Input #", "Duration:", "Stream #"))]
+    return lines[0][:200] + (f" ({detail[-1][:200]})" if detail else "")
 
 
 def encode_videos(videos: str, policy: Any, out: str, batch_size: int = 4) -> int:

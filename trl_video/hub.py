@@ -114,7 +114,7 @@ def write_model_card(folder: str | Path, trainer: Any, repo_id: str | None = Non
         base_model=cfg.model, model_name=repo_id or Path(cfg.output_dir).name, repo_id=repo_id, method=spec,
         reward=cfg.reward, steps=trainer.global_step,
         components=", ".join(f"{k}={v[0]}" for k, v in trainer.plan.components.items()),
-        recipe=trainer.recipe, lora=trainer.policy.uses_lora, dataset=dataset, plugins=plugins,
+        recipe=trainer.written_recipe()["recipe"], lora=trainer.policy.uses_lora, dataset=dataset, plugins=plugins,
         wandb_url=_tracker_url(trainer, "wandb"), trackio_url=_tracker_url(trainer, "trackio"))
     path = Path(folder) / "README.md"
     card.save(str(path))

@@ -37,7 +37,7 @@ from .config import BOUNDS, VideoRewardConfig, check_fields
 from .errors import ConfigError, TrlVideoError
 
 #: flags of ``trl-video train`` that are not config fields
-EXTRA_FLAGS = ("--recipe", "--config", "--set", "--resume", "--dry-run")
+EXTRA_FLAGS = ("--recipe", "--config", "--set", "--resume", "--accept-recipe-changes", "--dry-run")
 
 
 @dataclass
@@ -45,8 +45,9 @@ class TrainArgs:
     config: VideoRewardConfig
     recipe: dict[str, Any]  # what the user set (recipe + --set + flags), recorded in checkpoints and the model card
     recipe_path: str | None = None
-    resume: bool = False
+    resume: bool | str = False  # True: the latest checkpoint; a path: that checkpoint
     dry_run: bool = False
+    accept_recipe_changes: bool = False
 
 
 def _mapping(text: str) -> dict[str, Any]:
@@ -71,7 +72,10 @@ class RecipeParser(TrlParser):
                           help="YAML mapping of the fields below (TRL's --config)")
         self.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                           help="override a recipe key; dotted keys reach into mappings (method_args.kl_weight=0.1)")
-        self.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+        self.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                          help="continue from the latest checkpoint in the output dir (or the checkpoint named)")
+        self.add_argument("--accept-recipe-changes", action="store_true",
+                          help="resume although the recipe differs from the checkpoint's (recorded in the metrics)")
         self.add_argument("--dry-run", action="store_true", help="validate the recipe and print the plan; load no weights")
 
     @staticmethod
@@ -134,4 +138,4 @@ def parse_train_args(argv: list[str], recipe: dict[str, Any] | None = None, wher
         if value != base:
             recorded[f.name] = value
     return TrainArgs(config=config, recipe=recorded, recipe_path=extras.recipe, resume=extras.resume,
-                     dry_run=extras.dry_run)
+                     dry_run=extras.dry_run, accept_recipe_changes=extras.accept_recipe_changes)

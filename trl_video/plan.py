@@ -20,12 +20,14 @@ class Plan:
     infos: dict[str, ComponentInfo] = field(default_factory=dict)
 
     def describe(self) -> str:
+        from .recipe_io import redact
+
         lines = [f"method    {self.method.name}: {self.method.description}"]
         for kind in HOOK_POINTS:
             name, args = self.components[kind]
             info = self.infos.get(kind)
             src = f"{info.distribution} {info.version}".strip() if info else ""
-            lines.append(f"{kind:<10}{name:<14}{args}  [{src}]")
+            lines.append(f"{kind:<10}{name:<14}{redact(args)}  [{src}]")
         lines.append(f"config    {dataclasses.asdict(self.method_config)}")
         return "\n".join(lines)
 

@@ -127,7 +127,8 @@ class VideoRewardTrainer:
     """
 
     def __init__(self, config: VideoRewardConfig, policy: Any = None, registry: Registry | None = None,
-                 callbacks: list[Any] | None = None, recipe: dict[str, Any] | None = None, resume: bool = False):
+                 callbacks: list[Any] | None = None, recipe: dict[str, Any] | None = None,
+                 resume: bool | str | Path = False, accept_recipe_changes: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -148,11 +149,21 @@ class VideoRewardTrainer:
                                        project_config=ProjectConfiguration(
                                            project_dir=str(self.output_dir),
                                            logging_dir=str(self.output_dir / "tensorboard")))
-        existing = find_checkpoints(self.output_dir)
+        from .validation import validate_config
+
+        validate_config(config, self.plan, self.registry, check_model=policy is None)
+        from .checkpointing import all_checkpoints, select_resume_checkpoint
+
+        existing = all_checkpoints(self.output_dir)
         if existing and not resume:
             raise TrlVideoError(f"output dir '{self.output_dir}' already holds {existing[-1].name}: pass --resume to "
                                 f"continue it, or choose another --output-dir (nothing was changed)")
-        self.resume_from = existing[-1] if (resume and existing) else None
+        # verified (manifest) before any weights load; a damaged latest checkpoint names the newest intact one
+        self.resume_from = (select_resume_checkpoint(self.output_dir, None if resume is True else resume)
+                            if resume else None)
+        self.accept_recipe_changes = accept_recipe_changes
+        self.interrupted: int | None = None
+        self._row_notes: dict[str, Any] = {}
         set_seed(config.seed)
 
         # ---- model: frozen weights in the recipe's dtype, trainable parameters in trainable_dtype (fp32 masters)
@@ -476,15 +487,24 @@ class VideoRewardTrainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
+        """Train to ``max_steps`` under the output dir's lock. A SIGTERM/SIGINT finishes the step, writes a
+        checkpoint and returns early (``result["interrupted"]`` = the signal number)."""
+        from .runguard import OutputLock, StopSignals
+
+        with OutputLock(self.output_dir, enabled=self.is_main), StopSignals() as self._stop:
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         cfg = self.config
         if self.resume_from is not None:
-            self.load_checkpoint(self.resume_from)
+            self._prepare_resume(self.resume_from)
+            self.load_checkpoint(self.resume_from, verified=True)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if cfg.trackers and not self._trackers_started:
-            self.accelerator.init_trackers(self.output_dir.resolve().name, config=flat_config(self.recipe))
+            self.accelerator.init_trackers(self.output_dir.resolve().name, config=flat_config(self.written_recipe()["recipe"]))
             self._trackers_started = True
         state = self.state
         state.global_step = self.global_step
@@ -509,9 +529,16 @@ class VideoRewardTrainer:
                     self._call("on_save", state, self.control)
                 if self.control.should_training_stop:
                     break
+                self.interrupted = self._stop.requested(self.accelerator)
+                if self.interrupted:
+                    break
         finally:
             bar.close()
         self.save_checkpoint()
+        if self.interrupted:
+            self.accelerator.wait_for_everyone()
+            return {"global_step": self.global_step, "output_dir": str(self.output_dir),
+                    "interrupted": self.interrupted}
         if cfg.save_model_at_end:
             self.save_model()
         self._call("on_train_end", state, self.control)
@@ -540,6 +567,8 @@ class VideoRewardTrainer:
         if not self.is_main:
             return
         row = {"step": self.global_step, **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}}
+        row.update(self._row_notes)  # resume notes (accepted recipe changes) ride on the first row after resume
+        self._row_notes = {}
         self.history.append(row)  # = state.log_history
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / "metrics.jsonl", "a") as f:
@@ -597,14 +626,59 @@ class VideoRewardTrainer:
                 self.policy.pipeline().__class__.save_lora_weights(tmp, transformer_lora_layers=lora,
                                                                    safe_serialization=True)
             (tmp / "trainer_state.json").write_text(json.dumps(
-                {"global_step": self.global_step, "config": self.config.to_dict(), "recipe": self.recipe}, indent=2,
-                default=str))
+                {"global_step": self.global_step, **self.written_recipe(), "data": self._data_fingerprint()},
+                indent=2, default=str))
+            from .checkpointing import write_manifest
+
+            write_manifest(tmp)  # last: sizes, hashes, tensor shapes of everything above
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             self._rotate_checkpoints()
         self.accelerator.wait_for_everyone()
         return final
+
+    def written_recipe(self) -> dict[str, Any]:
+        """Config and recipe as written to disk (checkpoints, model card): secrets masked."""
+        from .recipe_io import env_refs, redact
+
+        secrets = env_refs(self.recipe)
+        return {"config": redact(self.config.to_dict(), secrets), "recipe": redact(self.recipe, secrets)}
+
+    def _data_fingerprint(self) -> dict[str, Any]:
+        from .checkpointing import data_fingerprint
+
+        prompts = self.prompt_sampler.prompts if self.prompt_sampler is not None else None
+        fp = data_fingerprint(prompts)
+        if self.ctx.offline is not None:
+            fp["offline_rows"] = len(self.ctx.offline)
+        return fp
+
+    def _prepare_resume(self, path: Path) -> None:
+        """Compare the checkpoint's recipe and data with this run's; drop metrics rows logged after it."""
+        from .checkpointing import compare_recipes, truncate_metrics
+
+        state = json.loads((path / "trainer_state.json").read_text())
+        safe, unsafe = compare_recipes(state.get("config", {}), self.written_recipe()["config"])
+        saved_data, data = state.get("data", {}), self._data_fingerprint()
+        unsafe += [f"data.{k}" for k in sorted(set(saved_data) | set(data)) if saved_data.get(k) != data.get(k)]
+        if unsafe and not self.accept_recipe_changes:
+            raise TrlVideoError(f"cannot resume '{path}': the recipe differs in {', '.join(unsafe)}; restore them, or "
+                                f"pass --accept-recipe-changes to continue with the new values (nothing was changed)")
+        if self.is_main:
+            for key, (old, new) in safe.items():
+                print(f"resume: {key} {old} -> {new}")
+            if unsafe:
+                print(f"resume: accepted recipe changes in {', '.join(unsafe)} (--accept-recipe-changes)")
+            step = int(state["global_step"])
+            dropped = truncate_metrics(self.output_dir / "metrics.jsonl", step)
+            if dropped:
+                print(f"resume: dropped {dropped} metrics rows logged after step {step} (they are recomputed)")
+        self._row_notes = {"resumed_from_step": int(state["global_step"])}
+        if unsafe:
+            self._row_notes["accepted_recipe_changes"] = ",".join(unsafe)
+        if safe:
+            self._row_notes["safe_recipe_changes"] = ",".join(safe)
 
     def _rotate_checkpoints(self) -> None:
         limit = self.config.save_total_limit
@@ -619,12 +693,17 @@ class VideoRewardTrainer:
                 "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
                 "python": json.dumps(random.getstate())}
 
-    def load_checkpoint(self, path: str | Path) -> None:
+    def load_checkpoint(self, path: str | Path, verified: bool = False) -> None:
         from safetensors.torch import load_file
+
+        from .checkpointing import check_tensors, verify_checkpoint
 
         path = Path(path)
         if not (path / "trainer_state.json").exists():
             raise TrlVideoError(f"'{path}' is not a trl-video checkpoint (no trainer_state.json)")
+        problem = None if verified else verify_checkpoint(path)
+        if problem:
+            raise TrlVideoError(f"checkpoint '{path}' is damaged: {problem}")
         state = json.loads((path / "trainer_state.json").read_text())
         from . import sharding
 
@@ -634,10 +713,9 @@ class VideoRewardTrainer:
             part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             if name == "policy":
                 params = dict(self.policy.transformer.named_parameters())
-                missing = [n for n, p in params.items() if p.requires_grad and n not in part]
-                if missing:
-                    raise TrlVideoError(f"checkpoint '{path}' lacks policy weights such as '{missing[0]}' "
-                                        f"(was it trained with another LoRA/full setting?)")
+                check_tensors(path, part, {n: p for n, p in params.items() if p.requires_grad}, name)
+            else:
+                check_tensors(path, part, self.group_module(name).state_dict(), name)
             # sharded or not, every rank loads the full tensors; FSDP keeps its own shard of each
             sharding.load_full_state_dict(self.group_module(name), part, strict=name != "policy")
         opt_states = torch.load(path / "optimizers.pt", weights_only=True)

@@ -280,12 +280,24 @@ class TrainContext:
         """Reward of latents: decodes to pixels only when the reward is a pixel reward."""
         reward = reward or self.reward
         ctx = torch.enable_grad() if grad else torch.no_grad()
-        with ctx:
-            inputs = self.policy.decode(latents) if reward.space == "pixel" else latents
-            r = reward(inputs, prompts)
         from ..errors import TrlVideoError
 
         name = getattr(reward, "name", type(reward).__name__)
+        with ctx:
+            inputs = self.policy.decode(latents) if reward.space == "pixel" else latents
+            try:
+                r = reward(inputs, prompts)
+            except TrlVideoError:
+                raise
+            except Exception as exc:  # a reward's own failure, reported as the reward's (one line)
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                raise TrlVideoError(f"reward '{name}' failed: {type(exc).__name__}: {first}") from exc
+        if not isinstance(r, Tensor):
+            raise TrlVideoError(f"reward '{name}' returned a {type(r).__name__}; a reward returns a floating-point "
+                                f"tensor of shape ({len(prompts)},)")
+        if not torch.is_floating_point(r):
+            raise TrlVideoError(f"reward '{name}' returned {r.dtype} values; a reward returns a floating-point tensor "
+                                f"(integers carry no gradient)")
         if not torch.isfinite(r).all():
             bad = list(range(len(prompts))) if r.ndim == 0 else (~torch.isfinite(r)).flatten().nonzero().flatten().tolist()
             raise TrlVideoError(f"reward '{name}' returned NaN/inf for samples {bad[:8]} "

@@ -45,6 +45,7 @@ class GroupAdvantage(BaseEstimator):
     ``sources`` (e.g. offline samples) get no group advantage (NaN) and are left to the loss."""
 
     name = "group"
+    needs_groups = True  # validation refuses group_size 1 (every advantage would be 0)
 
     def __init__(self, std: str = "group", eps: float = 1e-4, sources: tuple[str, ...] = ("online", "ema")):
         if std not in ("group", "batch", "none"):

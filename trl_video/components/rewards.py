@@ -138,7 +138,9 @@ class CallableReward(Reward):
         self.differentiable = differentiable if differentiable is not None else getattr(fn, "differentiable", False)
 
     def __call__(self, inputs: Tensor, prompts: list[str]) -> Tensor:
-        return torch.as_tensor(self.fn(inputs, prompts), device=inputs.device)
+        out = self.fn(inputs, prompts)
+        # anything but a tensor is passed on as is: TrainContext.score names the wrong return type
+        return out.to(inputs.device) if isinstance(out, Tensor) else out
 
 
 class WeightedSum(Reward):

@@ -103,6 +103,11 @@ class DMAlignLoss:
         self.generator_calls = 0
         self.fake_calls = 0
 
+    @staticmethod
+    def uses_advantages(cfg: DMAlignConfig) -> bool:
+        """Only the Group alignment reads advantages (validation: group estimator with group_size 1)."""
+        return cfg.align == "group" and cfg.align_weight > 0
+
     # ------------------------------------------------------------------ setup
     def setup(self, ctx: TrainContext) -> dict[str, Trainable]:
         cfg = ctx.method_config if isinstance(ctx.method_config, DMAlignConfig) else DMAlignConfig()
