@@ -227,6 +227,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .memory_plan import cmd_plan as run
 
     return run(args)
+def cmd_reward_serve(args: argparse.Namespace) -> int:
+    try:
+        from vidrl_plugin_rewards.service import serve
+    except ImportError:
+        raise TrlVideoError("reward-serve needs vidrl-plugin-rewards: pip install 'vidrl-plugin-rewards[serve]'") from None
+    try:
+        reward_args = yaml.safe_load(args.reward_args) or {}
+    except yaml.YAMLError as exc:
+        raise TrlVideoError(f"--reward-args is not YAML/JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(reward_args, dict):
+        raise TrlVideoError(f"--reward-args must be a mapping, got {type(reward_args).__name__}")
+    serve(args.reward, reward_args, args.host, args.port, args.max_batch)
+    return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -276,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .memory_plan import add_plan_arguments
 
     add_plan_arguments(pl)
+    rs = sub.add_parser("reward-serve", help="serve a registered reward over HTTP (vidrl-plugin-rewards[serve])")
+    rs.add_argument("--reward", required=True, help="registered reward name (or a+b, or a dotted path)")
+    rs.add_argument("--reward-args", default="{}", help="constructor arguments as YAML/JSON, e.g. '{frames: all}'")
+    rs.add_argument("--host", default="127.0.0.1")
+    rs.add_argument("--port", type=int, default=8765)
+    rs.add_argument("--max-batch", type=int, default=16, help="largest batch one request may carry")
     b = sub.add_parser("bench", help="benchmarks (trl-video bench overhead, ...)")
     b.add_argument("name", nargs="?", help="a benchmark (no name: list them)")
     pt = sub.add_parser("pretrain", help="reproduce the embedded tiny base models")
@@ -309,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"plugins": cmd_plugins, "eval": cmd_eval, "encode": cmd_encode,
                 "encode-prompts": cmd_encode_prompts,
                 "push": cmd_push, "pretrain": cmd_pretrain, "plan": cmd_plan}[args.command](args)
+                "push": cmd_push, "pretrain": cmd_pretrain, "reward-serve": cmd_reward_serve}[args.command](args)
     except TrlVideoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
