@@ -5,10 +5,10 @@ own forward, the open_clip -> transformers conversion (HPSv2) and a download thr
 from __future__ import annotations
 
 import pytest
-import tiny
+import tiny_reward_models as tiny
 import torch
 import torch.nn.functional as F
-from fakehub import serve_repos
+from fake_hub_downloads import serve_repos
 from vidrl_plugin_rewards.clip import Aesthetic, ClipScore, HPSv2, HPSv21, PickScore
 from vidrl_plugin_rewards.preprocess import to_uint8_images
 

@@ -1,6 +1,6 @@
 """trl-video reward models, reward mixing and the reward service, registered through the ``reward`` hook.
 
-Rewards: ``clip_score``, ``pickscore``, ``hpsv2``, ``hpsv21``, ``aesthetic``,
+Rewards: ``clip_score``, ``pickscore``, ``hpsv2``, ``hpsv21``, ``aesthetic``, ``imagereward``,
 ``mix``, and ``http://`` / ``https://`` URLs (a ``trl-video reward-serve`` server). Modules are imported
 when a reward is built, so listing plugins loads no model code.
 """
@@ -31,6 +31,7 @@ REWARDS = {
     "hpsv2": ("clip", "HPSv2"),
     "hpsv21": ("clip", "HPSv21"),
     "aesthetic": ("clip", "Aesthetic"),
+    "imagereward": ("blip", "ImageReward"),
     "mix": ("mix", "MixReward"),
     "http://": ("service", "HttpReward"),
     "https://": ("service", "HttpReward"),

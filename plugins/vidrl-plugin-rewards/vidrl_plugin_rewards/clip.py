@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from trl_video.errors import TrlVideoError
 
 from .frames import FrameRewardMixin, FrameSelection
-from .hub import from_pretrained, load_state_dict, resolve_file
+from .hub import from_pretrained, load_state_dict, materialise_position_ids, resolve_file
 from .preprocess import ImageTransform
 
 LAION_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -195,12 +195,7 @@ class HPSv2(_ClipBase):
             raise TrlVideoError(f"{self.name}: checkpoint '{self.model_id}/{self.checkpoint}' does not match the "
                                 f"config of '{self.config_id or self.processor_id}' (missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]})")
-        for name, buf in model.named_buffers():  # buffers (position ids) are not in the checkpoint
-            if buf.is_meta:
-                n = buf.shape[-1]
-                parent = model.get_submodule(name.rpartition(".")[0])
-                parent.register_buffer(name.rpartition(".")[2], torch.arange(n).expand(buf.shape).clone(),
-                                       persistent=False)
+        materialise_position_ids(model)
         return model
 
     def score_images(self, images: Tensor, prompts: list[str]) -> Tensor:

@@ -49,3 +49,16 @@ def from_pretrained(cls: Any, repo: str, what: str, **kw: Any) -> Any:
     except Exception as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise TrlVideoError(f"{what}: cannot load '{repo}' ({type(exc).__name__}: {text[:200]})") from None
+
+
+def materialise_position_ids(module: torch.nn.Module) -> None:
+    """A model built on the meta device and loaded with ``assign=True`` still has meta buffers for what
+    checkpoints do not store (``position_ids``): rebuild them."""
+    for name, buf in list(module.named_buffers()):
+        if not buf.is_meta:
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        if leaf != "position_ids":
+            raise TrlVideoError(f"buffer '{name}' is not in the checkpoint")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        parent.register_buffer(leaf, torch.arange(buf.shape[-1]).expand(buf.shape).clone(), persistent=False)

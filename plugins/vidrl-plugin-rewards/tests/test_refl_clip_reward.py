@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import tiny
+import tiny_reward_models as tiny
 import torch
 
 from trl_video.config import config_from_dict

@@ -124,3 +124,59 @@ def save_aesthetic_head(folder: Path, dim: int = 16, seed: int = 2) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(AestheticHead(dim).state_dict(), folder / "aesthetic-model.pth")
     return folder
+
+
+TINY_VIT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "image_size": 28, "patch_size": 7}
+
+
+def save_bert_tokenizer(folder: Path) -> int:
+    """bert-base-uncased layout (``vocab.txt``) with the world's words; returns the vocabulary size after
+    BLIP's two extra tokens."""
+    from trl_video import world
+
+    words = sorted({w for c in world.all_captions() for w in c.text.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return len(vocab) + 2
+
+
+def save_tiny_imagereward(folder: Path, seed: int = 3):
+    """THUDM/ImageReward layout: ``ImageReward.pt`` (BLIP's parameter names) + ``med_config.json``, and a
+    tokenizer folder. Returns (repo folder, tokenizer folder, (vision, text, head) reference modules)."""
+    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+    from vidrl_plugin_rewards.clip import AestheticHead
+
+    tok_dir = folder / "bert"
+    vocab = save_bert_tokenizer(tok_dir)
+    torch.manual_seed(seed)
+    vis = BlipVisionModel(BlipVisionConfig(**TINY_VIT, layer_norm_eps=1e-6)).eval()
+    med = {"vocab_size": vocab, "hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2,
+           "num_attention_heads": 2, "max_position_embeddings": 40, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+           "pad_token_id": 0, "encoder_width": 768, "add_cross_attention": True}
+    txt = BlipTextModel(BlipTextConfig(**{k: v for k, v in med.items() if k not in ("encoder_width", "add_cross_attention")},
+                                       encoder_hidden_size=32), add_pooling_layer=False).eval()
+    head = AestheticHead(24).eval()
+    sd: dict[str, torch.Tensor] = {}
+    names = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
+             "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+             "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+             "post_layernorm.weight": "norm.weight", "post_layernorm.bias": "norm.bias"}
+    block = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv",
+             "self_attn.projection": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    for k, v in vis.state_dict().items():
+        if k in names:
+            sd["blip.visual_encoder." + names[k]] = v
+            continue
+        i, rest = k.split(".")[2], ".".join(k.split(".")[3:])
+        mod, leaf = rest.rsplit(".", 1)
+        sd[f"blip.visual_encoder.blocks.{i}.{block[mod]}.{leaf}"] = v
+    sd.update({f"blip.text_encoder.{k}": v for k, v in txt.state_dict().items()})
+    sd.update({f"mlp.{k}": v for k, v in head.state_dict().items()})
+    sd["blip.vision_proj.weight"] = torch.zeros(8, 32)  # in the real file too, unused by the score
+    repo = folder / "ImageReward"
+    repo.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, repo / "ImageReward.pt")
+    (repo / "med_config.json").write_text(json.dumps(med))
+    return repo, tok_dir, (vis, txt, head)
