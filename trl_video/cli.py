@@ -99,6 +99,10 @@ def cmd_train(argv: list[str]) -> int:
             print(f"pictures: {out / 'eval' / 'samples_before_after.png'}, {out / 'eval' / 'samples_before.gif'}, "
                   f"{out / 'eval' / 'samples_after.gif'}, {out / 'eval' / 'reward_curve.png'}")
             print(_feature_line(ev))
+            if ev.get("monitor"):
+                print(monitor_line(ev["monitor"]))
+                if ev["monitor"].get("plot"):
+                    print(f"monitor:  {out / 'eval' / ev['monitor']['plot']}")
             print(f"results:  {out / 'eval' / 'eval_results.json'}")
     return 0
 
@@ -112,6 +116,17 @@ def _feature_line(res: dict[str, Any]) -> str:
     if div:
         parts.append(f"diversity before {div['before']['diversity']:.4f} after {div['after']['diversity']:.4f}")
     return "features: " + "; ".join(parts)
+
+
+def monitor_line(mon: dict[str, Any]) -> str:
+    """One line of the reward-hacking monitor: distance to the reference, diversity, held-out rewards."""
+    parts = []
+    fd = mon["frechet_distance_to_reference"]
+    if fd["before"] is not None:
+        parts.append(f"FD to ground truth {fd['before']:.3f} -> {fd['after']:.3f}")
+    parts.append(f"diversity {mon['diversity']['before']:.3f} -> {mon['diversity']['after']:.3f}")
+    parts += [f"{n} {v['before']:.4f} -> {v['after']:.4f}" for n, v in mon["heldout_rewards"].items()]
+    return "hacking monitor: " + "; ".join(parts)
 
 
 def _check_sources(config: Any) -> None:
@@ -167,10 +182,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out or (model_dir.parent / "eval"))
     res = evaluate(after, prompts, seeds, rewards, out, policy_before=before, num_steps=args.num_steps,
                    metrics_path=metrics if metrics.exists() else None, main_reward=names[0],
-                   prompts_source=args.prompts)
+                   prompts_source=args.prompts, checkpoints_dir=model_dir.parent, base_model=baseline)
     print(f"{res['reward']}: before {res['reward_before']:.4f} after {res['reward_after']:.4f} "
           f"gain {res['gain']:.4f} +- {res['gain_sem']:.4f} (n={res['num_prompts']}); results in {out}")
     print(_feature_line(res))
+    print(monitor_line(res["monitor"]))
     return 0
 
 
