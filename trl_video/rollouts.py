@@ -132,7 +132,9 @@ class Rollouts:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain fields (tensors, lists, str): what ``torch.save`` / ``torch.load(weights_only=True)`` keep."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["extras"] = dict(out["extras"])  # a plain dict: the typed view is not a weights_only-loadable type
+        return out
 
     def with_(self, **changes: Any) -> Rollouts:
         return replace(self, **changes)
