@@ -1,4 +1,4 @@
-"""``trl-video bench reward-overlap``: one training step with a slow remote reward, serial vs overlapped.
+"""``trl-video bench rewards.reward-overlap``: one training step with a slow remote reward, serial vs overlapped.
 
 Both trainers are FCRM on tiny-wan (same seed, same prompts), scoring through ``reward: http://...`` against
 a loopback ``reward-serve`` whose reward is the luminance reward plus a fixed delay per sample (a
@@ -36,7 +36,7 @@ class DelayedReward:
 
 
 def bench_reward_overlap(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="trl-video bench reward-overlap",
+    ap = argparse.ArgumentParser(prog="trl-video bench rewards.reward-overlap",
                                  description="Training step with a slow HTTP reward: serial vs overlapped scoring.")
     ap.add_argument("--model", default="tiny-wan")
     ap.add_argument("--delay", type=float, default=0.05, help="seconds of reward delay per sample")
