@@ -343,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_train(argv[argv.index("train") + 1:])
         return {"plugins": cmd_plugins, "eval": cmd_eval, "encode": cmd_encode,
                 "encode-prompts": cmd_encode_prompts,
-                "push": cmd_push, "pretrain": cmd_pretrain, "plan": cmd_plan}[args.command](args)
-                "push": cmd_push, "pretrain": cmd_pretrain, "reward-serve": cmd_reward_serve}[args.command](args)
+                "push": cmd_push, "pretrain": cmd_pretrain, "plan": cmd_plan,
+                "reward-serve": cmd_reward_serve}[args.command](args)
     except TrlVideoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
