@@ -109,6 +109,10 @@ def cmd_train(argv: list[str]) -> int:
             print(f"pictures: {out / 'eval' / 'samples_before_after.png'}, {out / 'eval' / 'samples_before.gif'}, "
                   f"{out / 'eval' / 'samples_after.gif'}, {out / 'eval' / 'reward_curve.png'}")
             print(_feature_line(ev))
+            if ev.get("monitor"):
+                print(monitor_line(ev["monitor"]))
+                if ev["monitor"].get("plot"):
+                    print(f"monitor:  {out / 'eval' / ev['monitor']['plot']}")
             print(f"results:  {out / 'eval' / 'eval_results.json'}")
     return 0
 
@@ -122,6 +126,17 @@ def _feature_line(res: dict[str, Any]) -> str:
     if div:
         parts.append(f"diversity before {div['before']['diversity']:.4f} after {div['after']['diversity']:.4f}")
     return "features: " + "; ".join(parts)
+
+
+def monitor_line(mon: dict[str, Any]) -> str:
+    """One line of the reward-hacking monitor: distance to the reference, diversity, held-out rewards."""
+    parts = []
+    fd = mon["frechet_distance_to_reference"]
+    if fd["before"] is not None:
+        parts.append(f"FD to ground truth {fd['before']:.3f} -> {fd['after']:.3f}")
+    parts.append(f"diversity {mon['diversity']['before']:.3f} -> {mon['diversity']['after']:.3f}")
+    parts += [f"{n} {v['before']:.4f} -> {v['after']:.4f}" for n, v in mon["heldout_rewards"].items()]
+    return "hacking monitor: " + "; ".join(parts)
 
 
 def _model_dir(path: str) -> Path:
@@ -159,10 +174,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = model_dir.parent / "metrics.jsonl"
     res = evaluate(after, prompts, seeds, rewards, out, policy_before=before, num_steps=args.num_steps,
                    metrics_path=metrics if metrics.exists() else None, main_reward=names[0],
-                   prompts_source=args.prompts)
+                   prompts_source=args.prompts, checkpoints_dir=model_dir.parent, base_model=baseline)
     print(f"{res['reward']}: before {res['reward_before']:.4f} after {res['reward_after']:.4f} "
           f"gain {res['gain']:.4f} +- {res['gain_sem']:.4f} (n={res['num_prompts']}); results in {out}")
     print(_feature_line(res))
+    print(monitor_line(res["monitor"]))
     return 0
 
 
@@ -239,6 +255,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_reward_serve(args: argparse.Namespace) -> int:
+    try:
+        from vidrl_plugin_rewards.service import serve
+    except ImportError:
+        raise TrlVideoError("reward-serve needs vidrl-plugin-rewards: pip install 'vidrl-plugin-rewards[serve]'") from None
+    try:
+        reward_args = yaml.safe_load(args.reward_args) or {}
+    except yaml.YAMLError as exc:
+        raise TrlVideoError(f"--reward-args is not YAML/JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(reward_args, dict):
+        raise TrlVideoError(f"--reward-args must be a mapping, got {type(reward_args).__name__}")
+    serve(args.reward, reward_args, args.host, args.port, args.max_batch)
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace, rest: list[str]) -> int:
     """Asset building lives in the repository (benchmarks/assets), out of the installed package."""
     from .plugins import get_registry
@@ -286,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .memory_plan import add_plan_arguments
 
     add_plan_arguments(pl)
+    rs = sub.add_parser("reward-serve", help="serve a registered reward over HTTP (vidrl-plugin-rewards[serve])")
+    rs.add_argument("--reward", required=True, help="registered reward name (or a+b, or a dotted path)")
+    rs.add_argument("--reward-args", default="{}", help="constructor arguments as YAML/JSON, e.g. '{frames: all}'")
+    rs.add_argument("--host", default="127.0.0.1")
+    rs.add_argument("--port", type=int, default=8765)
+    rs.add_argument("--max-batch", type=int, default=16, help="largest batch one request may carry")
     # no -h of its own: `trl-video bench NAME --help` reaches the benchmark's parser; `trl-video bench` lists them
     b = sub.add_parser("bench", add_help=False, help="benchmarks (trl-video bench overhead, ...; no name: list them)")
     b.add_argument("name", nargs="?", help="a benchmark (no name: list them)")
@@ -316,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_pretrain(args, rest)
         return {"plugins": cmd_plugins, "eval": cmd_eval, "encode": cmd_encode,
                 "encode-prompts": cmd_encode_prompts,
-                "push": cmd_push, "plan": cmd_plan}[args.command](args)
+                "push": cmd_push, "plan": cmd_plan,
+                "reward-serve": cmd_reward_serve}[args.command](args)
     except TrlVideoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -147,6 +147,10 @@ class VideoRewardConfig(ConfigBase):
     loss_args: dict[str, Any] = doc_field({}, "Keyword arguments of the loss constructor.")
     replay: str | None = doc_field(None, "Replay override (default: the method's).")
     replay_args: dict[str, Any] = doc_field({}, "Keyword arguments of the replay component.")
+    score_async: bool = doc_field(False, "Score each batch (decode + reward) in a background worker while the next batch "
+                                         "is sampled: hides a slow or remote reward behind sampling. The next step's "
+                                         "batch then comes from the policy one update older (one-step off-policy, as "
+                                         "in asynchronous RL trainers). Only for losses that keep no sampling graph.")
 
     # ---- data
     prompts: str = doc_field("world:train", "Prompt source: `world:train`, `world:heldout`, a json/jsonl/csv/parquet file, "

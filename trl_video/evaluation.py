@@ -120,10 +120,13 @@ def plot_reward_curve(metrics_path: Path, out: Path, key: str = "reward_mean") -
 def evaluate(policy_after: Any, prompts: list[str], seeds: list[int], rewards: dict[str, Any], out_dir: str | Path, *,
              policy_before: Any = None, transformer_before: Any = None, num_steps: int = 20,
              metrics_path: str | Path | None = None, main_reward: str | None = None,
-             prompts_source: str | None = None) -> dict[str, Any]:
+             prompts_source: str | None = None, checkpoints_dir: str | Path | None = None,
+             base_model: str | None = None) -> dict[str, Any]:
     """Score the same (prompt, seed) pairs before and after; write JSON (``evaluate.save``), GIFs, PNG grid and
     reward curve. The metrics are the package's ``evaluate`` modules (:func:`load_metric`): ``reward_gain`` per
-    reward, ``frechet_distance`` and ``diversity`` on :func:`video_features`."""
+    reward, ``frechet_distance`` and ``diversity`` on :func:`video_features`; plus the reward-hacking monitor
+    (:mod:`trl_video.monitor`): held-out rewards, distance to the world's ground truth, diversity, and, given the
+    run's ``checkpoints_dir`` and ``base_model``, reward vs distance per checkpoint."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     main_reward = main_reward or next(iter(rewards))
@@ -156,6 +159,9 @@ def evaluate(policy_after: Any, prompts: list[str], seeds: list[int], rewards: d
         "num_prompts": len(prompts), "prompts_source": prompts_source, "seeds": list(seeds),
         "prompts": list(prompts), "num_steps": num_steps,
     }
+    results["monitor"] = _hacking_monitor(per_reward, main_reward, rewards[main_reward], prompts, seeds, pix_before,
+                                          pix_after, out, num_steps, checkpoints_dir, base_model,
+                                          policy_after.device)
     save_results(out / "eval_results.json", results)
     n = min(16, len(prompts))
     save_gif(out / "samples_before.gif", video_grid(pix_before[:n]))
@@ -164,6 +170,26 @@ def evaluate(policy_after: Any, prompts: list[str], seeds: list[int], rewards: d
     if metrics_path is not None:
         plot_reward_curve(Path(metrics_path), out / "reward_curve.png")
     return results
+
+
+def _hacking_monitor(per_reward: dict[str, Any], trained: str, reward: Any, prompts: list[str], seeds: list[int],
+                     pix_before: torch.Tensor, pix_after: torch.Tensor, out: Path, num_steps: int,
+                     checkpoints_dir: str | Path | None, base_model: str | None, device: Any) -> dict[str, Any]:
+    from . import monitor
+
+    ref = monitor.world_reference(prompts, seeds)
+    ref_feats = video_features(ref) if ref is not None else None
+    before, after = monitor.distance_stats(pix_before, ref_feats), monitor.distance_stats(pix_after, ref_feats)
+    reference = monitor.distance_stats(ref, ref_feats) if ref is not None else None
+    res = monitor.summarise(per_reward, trained, before, after, reference)
+    if checkpoints_dir is not None and base_model is not None:
+        points = [{"step": 0, "reward": per_reward[trained]["before"]["mean"], **before}]
+        points += monitor.checkpoint_curve(base_model, Path(checkpoints_dir), prompts, seeds, reward, ref_feats,
+                                           num_steps, device)
+        res["checkpoints"] = points
+        if monitor.plot_reward_vs_distance(points, out / "reward_vs_distance.png", trained):
+            res["plot"] = "reward_vs_distance.png"
+    return res
 
 
 def eval_pairs(prompts_source: str, n: int, seed: int = 1234) -> tuple[list[str], list[int]]:
@@ -191,7 +217,8 @@ def evaluate_trainer(trainer: Any) -> dict[str, Any]:
     trainer.policy.eval()
     results = evaluate(trainer.policy, prompts, seeds, rewards, trainer.output_dir / "eval",
                        num_steps=cfg.eval_num_steps, metrics_path=trainer.output_dir / "metrics.jsonl",
-                       main_reward=cfg.reward, prompts_source=cfg.eval_prompts)
+                       main_reward=cfg.reward, prompts_source=cfg.eval_prompts, checkpoints_dir=trainer.output_dir,
+                       base_model=cfg.model)
     return results
 
 

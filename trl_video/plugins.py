@@ -280,6 +280,13 @@ class Registry:
     def get(self, kind: str, name: str) -> ComponentInfo:
         if kind not in KINDS:
             raise PluginError(f"unknown hook point '{kind}'; expected one of {sorted(KINDS)}")
+        if "://" in name:  # a URL: the component registered for its scheme ("http://") serves it
+            scheme = name.split("://", 1)[0] + "://"
+            info = self._items[kind].get(scheme)
+            if info is None:
+                hint = " (pip install vidrl-plugin-rewards[serve])" if kind == "reward" else ""
+                raise PluginError(f"no {kind} handles '{scheme}' URLs such as '{name}'{hint}")
+            return info
         if ":" in name:  # dotted path for one-off code: "mypkg.rewards:score"
             return ComponentInfo(kind, name, resolve_dotted(name), "<dotted path>", "", name)
         info = self._items[kind].get(name)
@@ -307,7 +314,9 @@ class Registry:
     def create(self, kind: str, name: str, **kwargs: Any) -> Any:
         info = self.get(kind, name)
         obj = info.obj
-        if kind == "reward" and ":" in name and not isinstance(obj, type):
+        if "://" in name:
+            kwargs = {"url": name, **kwargs}
+        elif kind == "reward" and ":" in name and not isinstance(obj, type):
             from .components.rewards import CallableReward
 
             return CallableReward(obj, name=name, **kwargs)

@@ -130,6 +130,12 @@ class Rollouts:
             out.timesteps = out.timesteps.to(device)
         return out
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain fields (tensors, lists, str): what ``torch.save`` / ``torch.load(weights_only=True)`` keep."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["extras"] = dict(out["extras"])  # a plain dict: the typed view is not a weights_only-loadable type
+        return out
+
     def with_(self, **changes: Any) -> Rollouts:
         return replace(self, **changes)
 
@@ -151,7 +157,8 @@ class Rollouts:
                 kw[f.name] = vals[0] if len(set(vals)) == 1 else None
             elif f.name == "extras":
                 keys = set.intersection(*(set(v) for v in vals))
-                kw[f.name] = {k: torch.cat([v[k] for v in vals]) if isinstance(vals[0][k], Tensor)
+                kw[f.name] = {k: (vals[0][k] if vals[0][k].ndim == 0 else torch.cat([v[k] for v in vals]))
+                              if isinstance(vals[0][k], Tensor)  # 0-dim: a batch-wide setting (eta), kept
                               else sum((list(v[k]) for v in vals), []) for k in keys
                               if isinstance(vals[0][k], (Tensor, list))}
             elif any(v is None for v in vals):

@@ -270,6 +270,8 @@ class VideoRewardTrainer:
         self.control = TrainerControl()
         self.history: list[dict[str, Any]] = self.state.log_history
         self._trackers_started = False
+        self._score_worker: Any = None  # score_async: the scoring thread (created on first use)
+        self._prefetched: Rollouts | None = None  # score_async: the next batch, sampled while this one was scored
 
     # ------------------------------------------------------------------ helpers
     def group_module(self, name: str) -> nn.Module:
@@ -370,7 +372,8 @@ class VideoRewardTrainer:
                 self.ctx.ema[name].step(params)
         return norm, skipped
 
-    def _fresh_rollouts(self) -> Rollouts:
+    def _sample_batch(self, sample_grad: bool) -> Rollouts:
+        """Draw this step's prompts (this rank's share) and sample them."""
         cfg, ctx = self.config, self.ctx
         prompts_u, _ = self.prompt_sampler.next(cfg.prompts_per_step)
         prompts = [p for p in prompts_u for _ in range(cfg.group_size)]
@@ -378,11 +381,36 @@ class VideoRewardTrainer:
         n, rank = cfg.per_process_batch, self.accelerator.process_index
         prompts, gids = prompts[rank * n:(rank + 1) * n], gids[rank * n:(rank + 1) * n].to(ctx.device)
         embeds, _ = self.policy.encode_prompts(prompts)
-        with torch.set_grad_enabled(self.loss.sample_grad):
+        with torch.set_grad_enabled(sample_grad):
             fresh = self.sampler.sample(ctx, prompts, embeds, gids)
-        reward_grad = self.loss.sample_grad and self.loss.reward_grad
-        fresh.rewards = ctx.score(fresh.latents, prompts, grad=reward_grad)
-        batch = self.estimator(ctx, fresh)
+        fresh.prompts = list(prompts)
+        return fresh
+
+    def _fresh_rollouts(self, prefetch_next: bool = True) -> Rollouts:
+        ctx = self.ctx
+        sample_grad = self.loss.sample_grad
+        reward_grad = sample_grad and self.loss.reward_grad
+        if not self.config.score_async or sample_grad:
+            fresh = self._sample_batch(sample_grad)
+            fresh.rewards = ctx.score(fresh.latents, fresh.prompts, grad=reward_grad)
+            return self._estimate(fresh)
+        # score_async: this batch is scored in a worker thread while the next one is sampled
+        fresh = self._prefetched if self._prefetched is not None else self._sample_batch(False)
+        self._prefetched = None
+        if self._score_worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._score_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trl-video-score")
+        pending = self._score_worker.submit(ctx.score, fresh.latents, fresh.prompts)
+        try:
+            if prefetch_next:
+                self._prefetched = self._sample_batch(False)
+        finally:
+            fresh.rewards = pending.result()  # a reward error is raised here, in the main thread
+        return self._estimate(fresh)
+
+    def _estimate(self, fresh: Rollouts) -> Rollouts:
+        batch = self.estimator(self.ctx, fresh)
         self.control = self.callback_handler.on_rollout(self.config, self.state, self.control, rollouts=batch,
                                                         trainer=self)
         return batch
@@ -396,7 +424,8 @@ class VideoRewardTrainer:
             return graph if graph is not None else cache[m]
         fresh = None
         if self.replay.needs_rollouts:
-            fresh = self._fresh_rollouts()
+            last = self.global_step + 1 >= self.config.max_steps and m == self.config.gradient_accumulation_steps - 1
+            fresh = self._fresh_rollouts(prefetch_next=not last)
             assert fresh.rewards is not None
             stats["reward"].append(fresh.rewards.detach())
             self.replay.update(self.ctx, fresh)
@@ -454,6 +483,9 @@ class VideoRewardTrainer:
             metrics[f"skipped_steps/{g}"] = float(n)
         if self.scaler is not None:
             metrics["loss_scale"] = float(self.scaler.get_scale())
+        reward_metrics = getattr(self.reward, "pop_metrics", None)  # e.g. each component of a reward mix
+        if reward_metrics is not None:
+            metrics.update({f"reward/{k}": float(v) for k, v in reward_metrics().items()})
         for name, sch in self.schedulers.items():
             metrics[f"lr/{name}"] = float(sch.get_last_lr()[0])
         return metrics
@@ -534,6 +566,9 @@ class VideoRewardTrainer:
                     break
         finally:
             bar.close()
+            if self._score_worker is not None:
+                self._score_worker.shutdown(wait=True, cancel_futures=True)
+                self._score_worker = None
         self.save_checkpoint()
         if self.interrupted:
             self.accelerator.wait_for_everyone()
@@ -579,7 +614,7 @@ class VideoRewardTrainer:
     # ------------------------------------------------------------------ checkpoints
     def _component_states(self) -> dict[str, Any]:
         states: dict[str, Any] = {}
-        for kind in ("replay", "estimator", "loss", "sampler"):
+        for kind in ("replay", "estimator", "loss", "sampler", "reward"):
             comp = getattr(self, kind)
             if hasattr(comp, "state_dict"):
                 states[kind] = comp.state_dict()
@@ -587,6 +622,8 @@ class VideoRewardTrainer:
             states["prompt_sampler"] = self.prompt_sampler.state_dict()
         if self.ctx.offline is not None:
             states["offline"] = self.ctx.offline.state_dict()
+        if self._prefetched is not None:  # score_async: resuming continues with the same next batch
+            states["prefetched"] = self._prefetched.detach().to("cpu").as_dict()
         return states
 
     def save_checkpoint(self) -> Path:
@@ -727,13 +764,15 @@ class VideoRewardTrainer:
         if self.scaler is not None and (path / "scaler.pt").exists():
             self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         comps = torch.load(path / "components.pt", weights_only=True)
-        for kind in ("replay", "estimator", "loss", "sampler"):
+        for kind in ("replay", "estimator", "loss", "sampler", "reward"):
             if kind in comps and hasattr(getattr(self, kind), "load_state_dict"):
                 getattr(self, kind).load_state_dict(comps[kind])
         if "prompt_sampler" in comps and self.prompt_sampler is not None:
             self.prompt_sampler.load_state_dict(comps["prompt_sampler"])
         if "offline" in comps and self.ctx.offline is not None:
             self.ctx.offline.load_state_dict(comps["offline"])
+        if "prefetched" in comps:
+            self._prefetched = Rollouts(**comps["prefetched"]).to(self.ctx.device)
         rank = self.accelerator.process_index
         rng = torch.load(path / f"rng-{rank}.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
