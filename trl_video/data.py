@@ -55,7 +55,16 @@ def load_prompt_dataset(source: str | dict[str, Any], column: str = "prompt"):
             if not path.exists():
                 raise TrlVideoError(f"prompts file not found: {path}")
             builder = FILE_BUILDERS[path.suffix]
-            ds = _trl_dataset([{"path": builder, "data_files": str(path)}])
+            if path.is_file() and path.stat().st_size == 0:
+                raise TrlVideoError(f"prompts file '{path}' is empty")
+            try:
+                ds = _trl_dataset([{"path": builder, "data_files": str(path)}])
+            except TrlVideoError:
+                raise
+            except Exception as exc:  # the datasets builder's own error, named by the file (one line)
+                cause = exc.__cause__ or exc
+                raise TrlVideoError(f"prompts file '{path}' cannot be read as {builder}: {type(cause).__name__}: "
+                                    f"{_first_line(cause)}") from exc
             if builder == "text" and column not in ds.column_names:
                 ds = ds.rename_column("text", column)
         elif path.is_dir():
