@@ -152,7 +152,9 @@ def check_components(config: Any, plan: Any, registry: Any) -> dict[str, Any]:
     parts = _reward_parts(registry, name, args)
     for part, obj, sub in parts:
         where = f"reward_args ({'reward' if part == name else f'reward {name}, part'} '{part}')"
-        if ":" in part and not isinstance(obj, type):
+        if "://" in part:  # a URL: the component registered for its scheme is built with url=<the name>
+            _accepts(obj, {"url": part, **sub}, where)
+        elif ":" in part and not isinstance(obj, type):
             if not callable(obj):
                 raise TrlVideoError(f"reward '{part}' is not callable ({type(obj).__name__})")
             _accepts(CallableReward, {"fn": obj, **sub}, where)
