@@ -42,10 +42,3 @@ REWARDS = {
 def trl_video_register_rewards(register):
     for name, (module, attr) in REWARDS.items():
         register(name, _lazy(module, attr))
-
-
-@hookimpl
-def trl_video_register_benchmarks(register):
-    from .bench import bench_reward_overlap
-
-    register("reward-overlap", bench_reward_overlap)

@@ -48,12 +48,12 @@ def bench_reward_overlap(argv: list[str]) -> int:
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
 
+    from vidrl_plugin_rewards.service import BackgroundServer, build_app
+
     from trl_video.components.rewards import LuminanceReward
     from trl_video.config import config_from_dict
     from trl_video.models.policy import load_policy
     from trl_video.trainer import VideoRewardTrainer
-
-    from .service import BackgroundServer, build_app
 
     server = BackgroundServer(build_app(DelayedReward(LuminanceReward(), a.delay), max_batch=64)).start()
     base = load_policy(a.model)
