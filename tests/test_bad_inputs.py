@@ -709,9 +709,7 @@ def test_tensor_of_the_wrong_shape_is_refused(run_copy: tuple[Path, Path], capsy
     [
         pytest.param(["--set", "learning_rate=0.5"], ["learning_rate"], id="resume-changed-lr"),
         pytest.param(["--set", "reward=luminance"], ["reward"], id="resume-changed-reward"),
-        pytest.param(["--set", "lora_r=4"], ["lora_r"], id="resume-changed-lora-rank"),
         pytest.param(["--set", "sampler_args.num_steps=3"], ["sampler_args.num_steps"], id="resume-changed-sampler"),
-        pytest.param(["--set", "seed=5", "--set", "group_size=2"], ["group_size", "seed"], id="resume-two-changes"),
     ],
 )
 def test_resume_refuses_unsafe_recipe_changes(run_copy: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
@@ -721,6 +719,31 @@ def test_resume_refuses_unsafe_recipe_changes(run_copy: tuple[Path, Path], capsy
     code, _, err = run_cli(capsys, train_argv(recipe, run, "--resume", *extra))
     line = assert_one_line_error(code, err, f"cannot resume '{run / 'checkpoint-2'}'", "--accept-recipe-changes")
     assert f"the recipe differs in {', '.join(keys)};" in line
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "keys", "fixed"),
+    [
+        pytest.param(["--set", "lora_r=4"], ["lora_r"], ["lora_r"], id="resume-changed-lora-rank"),
+        pytest.param(["--set", "seed=5", "--set", "group_size=2"], ["group_size", "seed"], ["group_size", "seed"],
+                     id="resume-two-changes"),
+        pytest.param(["--set", "seed=5", "--set", "learning_rate=0.5", "--accept-recipe-changes"],
+                     ["learning_rate", "seed"], ["seed"], id="resume-accepted-seed-change"),
+        pytest.param(["--set", "model=tiny-cogvideox-random", "--accept-recipe-changes"], ["model"], ["model"],
+                     id="resume-accepted-model-change"),
+    ],
+)
+def test_resume_refuses_changes_it_cannot_honour(run_copy: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                                                 extra: list[str], keys: list[str], fixed: list[str]) -> None:
+    """Keys the checkpoint's state fixes (random state, tensors, batch shape) are refused even with
+    --accept-recipe-changes: accepting them would be silently ignored."""
+    recipe, run = run_copy
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, train_argv(recipe, run, "--resume", *extra))
+    line = assert_one_line_error(code, err, f"cannot resume '{run / 'checkpoint-2'}'", "another --output-dir")
+    assert f"the recipe differs in {', '.join(keys)}, and a resumed run cannot take {', '.join(fixed)} " in line
+    assert "--accept-recipe-changes" not in line
     assert snapshot(run) == before
 
 
@@ -735,20 +758,45 @@ def test_resume_refuses_a_changed_prompt_list(run_copy: tuple[Path, Path], capsy
     assert snapshot(run) == before
 
 
-def test_resume_safe_and_accepted_changes_are_logged(run_copy: tuple[Path, Path],
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_accepted_changes_take_effect(run_copy: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                                            tmp_path: Path) -> None:
+    """--accept-recipe-changes: the new learning rate, AdamW beta, EMA decay and prompt list are what the resumed
+    run uses (not the checkpoint's restored values), and the accepted keys are recorded in metrics.jsonl."""
+    from safetensors.torch import load_file
+
     recipe, run = run_copy
+    with open(tmp_path / "prompts.jsonl", "a") as f:
+        f.write('{"prompt": "one more prompt"}\n')
     code, out, err = run_cli(capsys, train_argv(recipe, run, "--resume", "--set", "max_steps=3",
-                                                "--set", "learning_rate=0.5", "--accept-recipe-changes"))
+                                                "--set", "learning_rate=0.5", "--set", "adam_beta1=0.5",
+                                                "--set", "ema_decay=0.5", "--accept-recipe-changes"))
     assert code == 0, err
-    assert "resume: max_steps 2 -> 3" in out and "accepted recipe changes in learning_rate" in out
+    accepted = "adam_beta1,ema_decay,learning_rate,data.num_prompts,data.prompts_sha256"
+    assert "resume: max_steps 2 -> 3" in out and f"accepted recipe changes in {accepted.replace(',', ', ')}" in out
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     # output_dir is a safe change too: the test resumes a copy of the run
-    assert rows[2]["accepted_recipe_changes"] == "learning_rate"
-    assert rows[2]["safe_recipe_changes"] == "max_steps,output_dir"
-    # known gap: the checkpoint's optimiser/scheduler state still sets the LR after an accepted learning_rate change
-    assert rows[2]["resumed_from_step"] == 2
+    assert rows[2]["accepted_recipe_changes"] == accepted
+    assert rows[2]["safe_recipe_changes"] == "max_steps,output_dir" and rows[2]["resumed_from_step"] == 2
+    # the logged LR follows the new value (the recipe's was 1e-4 and the schedule is constant)
+    assert rows[1]["lr/policy"] == pytest.approx(1e-4) and rows[2]["lr/policy"] == pytest.approx(0.5)
+    ck2, ck3 = run / "checkpoint-2", run / "checkpoint-3"
+    opt = torch.load(ck3 / "optimizers.pt", weights_only=True)["policy"]
+    group = opt["optimizer"]["param_groups"][0]
+    assert group["lr"] == group["initial_lr"] == 0.5 and group["betas"][0] == 0.5
+    assert opt["scheduler"]["base_lrs"] == [0.5]
+    # the step really took the new LR: Adam moves a weight by at most ~lr * (1 - beta1) / sqrt(1 - beta2) (3e-4
+    # at lr 1e-4); at 0.5 the LoRA weights move by far more
+    w2, w3 = load_file(str(ck2 / "trainable.safetensors")), load_file(str(ck3 / "trainable.safetensors"))
+    assert max(float((w3[k] - w2[k]).abs().max()) for k in w2) > 0.01
+    # the EMA the checkpoint did not have: the new decay, one update (diffusers' first update copies the weights)
+    ema = torch.load(ck3 / "ema.pt", weights_only=True)["policy"]
+    assert ema["decay"] == 0.5 and ema["optimization_step"] == 1
+    sums = sorted(float(t.sum()) for t in ema["shadow_params"])
+    assert sums == pytest.approx(sorted(float(t.sum()) for t in w3.values()), abs=1e-4)
+    # the grown prompt list: a new epoch over all 5 prompts (2 drawn at step 3)
+    order = torch.load(ck3 / "components.pt", weights_only=True)["prompt_sampler"]["order"]
+    assert len(order) == 3 and max(order) <= 4
 
 
 @pytest.mark.parametrize("exists", [False, True], ids=["resume-missing-dir", "resume-empty-dir"])

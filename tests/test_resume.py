@@ -161,3 +161,30 @@ def test_crash_during_save_leaves_previous_checkpoint(runs, monkeypatch):
 def test_refuses_existing_output_without_resume(runs):
     with pytest.raises(TrlVideoError, match="resume"):
         VideoRewardTrainer(config(runs["b_dir"]), policy=runs["b2"].policy)
+
+
+def test_accepted_changes_replace_the_restored_hyperparameters(runs, tmp_path):
+    """An accepted change reaches the restored optimiser, scheduler and EMA (they would otherwise keep the
+    checkpoint's values); the AdamW moments and the EMA weights stay the checkpoint's."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["b_dir"], run)
+    tr = VideoRewardTrainer(config(run, max_steps=6, learning_rate=0.02, weight_decay=0.1, adam_epsilon=1e-6,
+                                   lr_scheduler_type="linear", warmup_steps=1, ema_decay=0.5),
+                            resume=True, accept_recipe_changes=True)
+    tr._prepare_resume(tr.resume_from)
+    tr.load_checkpoint(tr.resume_from, verified=True)
+    assert tr.global_step == MAX_STEPS
+    group, sch = tr.optimizers["policy"].param_groups[0], tr.schedulers["policy"]
+    # transformers' linear schedule at step 4 of 6 with 1 warm-up step: (6 - 4) / (6 - 1)
+    lr = 0.02 * (6 - MAX_STEPS) / (6 - 1)
+    assert group["initial_lr"] == 0.02 and sch.base_lrs == [0.02]
+    assert group["lr"] == pytest.approx(lr) and sch.get_last_lr() == [group["lr"]]
+    assert group["weight_decay"] == 0.1 and group["eps"] == 1e-6 and sch.last_epoch == MAX_STEPS
+    ema = tr.ctx.ema["policy"]
+    assert ema.decay == 0.5 and ema.optimization_step == MAX_STEPS
+    for x, y in zip(ema.shadow_params, ema_params(runs["b2"])):
+        assert torch.equal(x, y)
+    sa, sb = tr.optimizers["policy"].state_dict()["state"], runs["b2"].optimizers["policy"].state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)

@@ -6,7 +6,10 @@
 * :func:`check_tensors` refuses a saved tensor whose shape or dtype differs from the model's (``copy_`` would
   broadcast it silently).
 * :func:`compare_recipes` sorts the differences between the checkpoint's recipe and the current one into safe
-  changes (logged) and unsafe ones (refused unless ``--accept-recipe-changes``).
+  changes (logged) and unsafe ones (refused unless ``--accept-recipe-changes``); :func:`unacceptable_changes`
+  names the unsafe ones a resumed run cannot honour (the checkpoint's state fixes them), refused even with the
+  flag. An accepted change takes effect: the trainer re-applies the new optimiser hyperparameters, schedule and
+  EMA decay over the restored state, and rebuilds what the changed reward or prompt list invalidates.
 * :func:`truncate_metrics` drops the metrics rows logged after the checkpoint a run resumes from, so
   ``metrics.jsonl`` never repeats a step.
 """
@@ -30,6 +33,19 @@ SAFE_RESUME_KEYS = frozenset({
     "max_steps", "logging_steps", "save_steps", "save_total_limit", "report_to", "save_model_at_end", "output_dir",
     "eval_at_end", "eval_prompts", "eval_num_prompts", "eval_num_steps", "eval_rewards",
     "push_to_hub", "hub_model_id", "hub_private",
+    # how, not what: recomputation, a cache, the all-reduce bucket size give the same numbers
+    "gradient_checkpointing", "text_cache_size", "grad_sync_bucket_mb",
+})
+
+#: unsafe keys that ``--accept-recipe-changes`` may take: each takes effect on the resumed run (optimiser
+#: hyperparameters and the schedule are re-applied over the restored state, the EMA gets the new decay, a changed
+#: reward starts without the old reward's state, a changed prompt list starts a new epoch over the new list, the
+#: per-step arguments of sampler/estimator/loss/method are read from the new recipe)
+ACCEPTABLE_RESUME_KEYS = frozenset({
+    "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler_type",
+    "warmup_steps", "max_grad_norm", "gradient_accumulation_steps", "ema_decay",
+    "reward", "reward_args", "sampler_args", "estimator_args", "loss_args", "method_args",
+    "prompts", "prompt_datasets", "prompt_column", "data.num_prompts", "data.prompts_sha256",
 })
 
 
@@ -179,6 +195,12 @@ def compare_recipes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[dic
         else:
             unsafe.append(key)
     return safe, unsafe
+
+
+def unacceptable_changes(unsafe: list[str]) -> list[str]:
+    """The unsafe changed keys that no flag can make a resumed run honour (seed, model, LoRA layout, batch
+    shape, components, ...): the checkpoint's random state, tensors or component states fix them."""
+    return [k for k in unsafe if k not in ACCEPTABLE_RESUME_KEYS and k.split(".")[0] not in ACCEPTABLE_RESUME_KEYS]
 
 
 def data_fingerprint(prompts: list[str] | None) -> dict[str, Any]:

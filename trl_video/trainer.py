@@ -162,6 +162,7 @@ class VideoRewardTrainer:
         self.resume_from = (select_resume_checkpoint(self.output_dir, None if resume is True else resume)
                             if resume else None)
         self.accept_recipe_changes = accept_recipe_changes
+        self._accepted: set[str] = set()  # top-level keys of the unsafe recipe changes a resume accepted
         self.interrupted: int | None = None
         self._row_notes: dict[str, Any] = {}
         set_seed(config.seed)
@@ -250,6 +251,10 @@ class VideoRewardTrainer:
             self.schedulers[name] = get_scheduler(config.lr_scheduler_type, opt,
                                                   num_warmup_steps=planned_warmup[name],
                                                   num_training_steps=max(1, self.planned_steps[name]))
+        # this recipe's optimiser hyperparameters (lr = the schedule's base): a resumed run re-applies them over the
+        # restored optimiser/scheduler state, so an accepted change (learning_rate, betas, warmup, ...) takes effect
+        self._recipe_hparams = {n: [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
+                                for n, o in self.optimizers.items()}
         # EMA copies (diffusers' EMAModel) of every group that asks for one
         from diffusers.training_utils import EMAModel
 
@@ -693,15 +698,21 @@ class VideoRewardTrainer:
 
     def _prepare_resume(self, path: Path) -> None:
         """Compare the checkpoint's recipe and data with this run's; drop metrics rows logged after it."""
-        from .checkpointing import compare_recipes, truncate_metrics
+        from .checkpointing import compare_recipes, truncate_metrics, unacceptable_changes
 
         state = json.loads((path / "trainer_state.json").read_text())
         safe, unsafe = compare_recipes(state.get("config", {}), self.written_recipe()["config"])
         saved_data, data = state.get("data", {}), self._data_fingerprint()
         unsafe += [f"data.{k}" for k in sorted(set(saved_data) | set(data)) if saved_data.get(k) != data.get(k)]
+        fixed = unacceptable_changes(unsafe)
+        if fixed:
+            raise TrlVideoError(f"cannot resume '{path}': the recipe differs in {', '.join(unsafe)}, and a resumed run "
+                                f"cannot take {', '.join(fixed)} (the checkpoint's state fixes them); restore them, or "
+                                f"start a new run in another --output-dir (nothing was changed)")
         if unsafe and not self.accept_recipe_changes:
             raise TrlVideoError(f"cannot resume '{path}': the recipe differs in {', '.join(unsafe)}; restore them, or "
                                 f"pass --accept-recipe-changes to continue with the new values (nothing was changed)")
+        self._accepted = {k.split(".")[0] for k in unsafe}
         if self.is_main:
             for key, (old, new) in safe.items():
                 print(f"resume: {key} {old} -> {new}")
@@ -760,18 +771,24 @@ class VideoRewardTrainer:
             sharding.load_optimizer_state_dict(self.group_module(n), self.optimizers[n], s["optimizer"])
             self.schedulers[n].load_state_dict(s["scheduler"])
         for n, s in torch.load(path / "ema.pt", weights_only=True).items():
-            sharding.load_ema_state_dict(self.ctx.ema[n], s)
+            if n in self.ctx.ema:  # an accepted ema_decay 0 drops the EMA
+                sharding.load_ema_state_dict(self.ctx.ema[n], s)
+        self._apply_recipe_over_restored_state()
         if self.scaler is not None and (path / "scaler.pt").exists():
             self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         comps = torch.load(path / "components.pt", weights_only=True)
+        if self._accepted & {"reward", "reward_args"}:
+            comps.pop("reward", None)  # the old reward's statistics do not describe the new reward
         for kind in ("replay", "estimator", "loss", "sampler", "reward"):
             if kind in comps and hasattr(getattr(self, kind), "load_state_dict"):
                 getattr(self, kind).load_state_dict(comps[kind])
         if "prompt_sampler" in comps and self.prompt_sampler is not None:
             self.prompt_sampler.load_state_dict(comps["prompt_sampler"])
+            if self._accepted & {"data", "prompts", "prompt_datasets", "prompt_column"}:
+                self.prompt_sampler.order = []  # the saved epoch indexes the old list: a new epoch over the new one
         if "offline" in comps and self.ctx.offline is not None:
             self.ctx.offline.load_state_dict(comps["offline"])
-        if "prefetched" in comps:
+        if "prefetched" in comps and not self._accepted:  # sampled under the old recipe: sampled again
             self._prefetched = Rollouts(**comps["prefetched"]).to(self.ctx.device)
         rank = self.accelerator.process_index
         rng = torch.load(path / f"rng-{rank}.pt", weights_only=True)
@@ -782,6 +799,30 @@ class VideoRewardTrainer:
         py = json.loads(rng["python"])
         random.setstate((py[0], tuple(py[1]), py[2]))
         self.global_step = int(state["global_step"])
+
+    def _apply_recipe_over_restored_state(self) -> None:
+        """After a checkpoint's optimiser/scheduler/EMA states are loaded, put this recipe's hyperparameters back:
+        AdamW's betas/eps/weight decay, each group's base LR (``initial_lr``, the scheduler's ``base_lrs``) and its
+        current LR on this recipe's schedule at the restored position, and the EMA decay. Unchanged recipes get
+        the restored values back bit for bit (the same ``base * lambda(step)`` the scheduler computed); accepted
+        changes take effect from the next step."""
+        from torch.optim.lr_scheduler import LambdaLR
+
+        for name, opt in self.optimizers.items():
+            sch = self.schedulers[name]
+            for i, (group, fresh) in enumerate(zip(opt.param_groups, self._recipe_hparams[name])):
+                old_base = sch.base_lrs[i]
+                group.update({k: v for k, v in fresh.items() if k != "lr"})
+                base = sch.base_lrs[i] = fresh["initial_lr"]
+                if isinstance(sch, LambdaLR):  # every transformers schedule validation admits
+                    group["lr"] = base * sch.lr_lambdas[i](sch.last_epoch)
+                else:
+                    group["lr"] = group["lr"] * base / old_base
+            sch._last_lr = [g["lr"] for g in opt.param_groups]
+        # the recipe's EMA decay (diffusers' load_state_dict restores the saved one); an EMA new to the run needs
+        # nothing more: diffusers' first update copies the weights
+        for name, ema in self.ctx.ema.items():
+            ema.decay = self.groups[name].ema_decay
 
     # ------------------------------------------------------------------ export
     def save_model(self, path: str | Path | None = None) -> Path:
