@@ -609,7 +609,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, reward_module: str) ->
     root = tmp_path_factory.mktemp("trained")
     (root / "prompts.jsonl").write_text("".join(f'{{"prompt": "prompt {i}"}}\n' for i in range(4)))
     recipe = write_recipe(root / "recipe.yaml", reward=f"{reward_module}:latent_energy", max_steps=2, save_steps=1,
-                          prompts="prompts.jsonl")
+                          prompts="prompts.jsonl", report_to="tensorboard")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         assert cli.main(train_argv(recipe, root / "run")) == 0
@@ -623,6 +623,14 @@ def run_copy(trained_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest
     shutil.copy(recipe.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
     monkeypatch.chdir(tmp_path)
     return recipe, tmp_path / "run"
+
+
+def tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] as TensorBoard shows the run (its EventAccumulator, purged events hidden)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard" / run.name)).Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def _flip_byte(p: Path) -> None:
@@ -678,8 +686,12 @@ def test_resume_from_the_named_intact_checkpoint(run_copy: tuple[Path, Path],
     code, out, err = run_cli(capsys, train_argv(recipe, run, "--resume", run / "checkpoint-1"))
     assert code == 0, err
     assert "dropped 1 metrics rows logged after step 1" in out
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    # TensorBoard too: step 2 once, with the resumed run's value (the first run's step 2 is purged)
+    scalars = tensorboard_scalars(run)
+    assert "reward_mean" in scalars and all([s for s, _ in v] == [1, 2] for v in scalars.values()), scalars
+    assert [v for _, v in scalars["reward_mean"]] == pytest.approx([r["reward_mean"] for r in rows], abs=1e-5)
     assert "checkpoint-2" in {p.name for p in run.iterdir()}
     assert not (run / ".trl-video.lock").exists()
 
@@ -861,7 +873,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path: Path, capsys: pytest.Cap
     max_steps = 4
     at = random.randint(1, max_steps - 1)
     recipe = write_recipe(tmp_path / "recipe.yaml", reward=f"{reward_module}:sigterm_energy", max_steps=max_steps,
-                          save_steps=3, save_total_limit=1)
+                          save_steps=3, save_total_limit=1, report_to="tensorboard")
     mod.KILL.update(at=None, calls=0)
     code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "straight"))
     assert code == 0, err
@@ -882,8 +894,15 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path: Path, capsys: pytest.Cap
         assert torch.equal(a[k], b[k]), (at, k)
     init = load_file(str(run / f"checkpoint-{at}" / "trainable.safetensors")) if at == 3 else None
     assert init is None or any(not torch.equal(init[k], b[k]) for k in b)  # the weights moved after resume
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, max_steps + 1)), (at, steps)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, max_steps + 1)), (at, rows)
+    # TensorBoard's view of the run (both event files): every step once, the values metrics.jsonl holds
+    scalars = tensorboard_scalars(run)
+    assert "reward_mean" in scalars
+    for tag, events in scalars.items():
+        assert [s for s, _ in events] == list(range(1, max_steps + 1)), (at, tag, events)
+    assert [v for _, v in scalars["reward_mean"]] == pytest.approx([r["reward_mean"] for r in rows], abs=1e-5)
+    assert len(list((run / "tensorboard" / run.name).glob("events.out.tfevents.*"))) == 2
 
 
 def test_sigterm_real_subprocess(tmp_path: Path, reward_module: str) -> None:

@@ -541,7 +541,12 @@ class VideoRewardTrainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if cfg.trackers and not self._trackers_started:
-            self.accelerator.init_trackers(self.output_dir.resolve().name, config=flat_config(self.written_recipe()["recipe"]))
+            # resumed: TensorBoard hides the interrupted run's events from the first step this run logs again
+            # (SummaryWriter's purge_step), as metrics.jsonl drops its rows
+            init_kwargs = {"tensorboard": {"purge_step": self.global_step + 1}} if self.resume_from else {}
+            self.accelerator.init_trackers(self.output_dir.resolve().name,
+                                           config=flat_config(self.written_recipe()["recipe"]),
+                                           init_kwargs=init_kwargs)
             self._trackers_started = True
         state = self.state
         state.global_step = self.global_step
