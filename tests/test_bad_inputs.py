@@ -3,7 +3,6 @@ traceback, and nothing that existed before is touched."""
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -152,12 +151,45 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int, int]]:
     return out
 
 
+def close_stray_progress_bars() -> None:
+    """Close the progress bars an earlier failure left open: they print when closed or garbage-collected, which
+    must not land in the next case's stderr. (Closing them is cheaper than a full ``gc.collect()`` per case.)"""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):  # type: ignore[attr-defined]
+        bar.close()
+
+
 def run_cli(capsys: pytest.CaptureFixture[str], argv: list[Any]) -> tuple[int, str, str]:
-    gc.collect()  # progress bars left open by earlier failures print when collected: not this run's output
-    capsys.readouterr()  # drop whatever the test's own setup printed
+    close_stray_progress_bars()
+    capsys.readouterr()  # drop whatever the test's own setup printed (and the closed bars)
     code = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def record(code: int, line: str) -> None:
+    """Log a case's exit code and error line: docs/bad-inputs.md is built from these records."""
+    if os.environ.get("TRLV_BAD_INPUTS_LOG"):
+        with open(os.environ["TRLV_BAD_INPUTS_LOG"], "a") as f:
+            f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0],
+                                "code": code, "error": line}) + "\n")
+
+
+def cli_command() -> list[str]:
+    """``trl-video`` as a user runs it: the installed console script (``python -m trl_video.cli`` without one)."""
+    script = Path(sys.executable).with_name("trl-video")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "trl_video.cli"]
+
+
+def subprocess_env(reward_module: str) -> dict[str, str]:
+    """This environment, with the test's reward module importable in a child process."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(reward_module)
+    assert spec is not None and spec.origin is not None
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(spec.origin).parent),
+                                                         os.environ.get("PYTHONPATH", "")])}
 
 
 def assert_one_line_error(code: int, err: str, *culprits: str, glued_ok: bool = False) -> str:
@@ -176,10 +208,7 @@ def assert_one_line_error(code: int, err: str, *culprits: str, glued_ok: bool = 
     assert len(lines) == 1, f"expected exactly one stderr line, got {len(lines)}:\n{err}"
     line = lines[0]
     assert line.startswith("error: "), line
-    if os.environ.get("TRLV_BAD_INPUTS_LOG"):  # docs/bad-inputs.md is built from these records
-        with open(os.environ["TRLV_BAD_INPUTS_LOG"], "a") as f:
-            f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0],
-                                "code": code, "error": line}) + "\n")
+    record(code, line)
     for c in culprits:
         assert c in line, f"{c!r} not named in: {line}"
     return line
@@ -238,6 +267,19 @@ def test_sampler_start_range_beyond_num_steps(tmp_path: Path, capsys: pytest.Cap
                           sampler_args={"num_steps": 2, "grad_steps": 1, "start_range": [15, 25]})
     code, _, err = run_cli(capsys, train_argv(recipe, tmp_path / "out"))
     assert_one_line_error(code, err, "start_range")
+
+
+def test_bad_recipe_in_a_real_process(tmp_path: Path) -> None:
+    """The exit status a shell sees (the console script's ``sys.exit``), not only ``main()``'s return value; the
+    output dir of an earlier run is left as it was."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", max_steps=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = snapshot(tmp_path)
+    proc = subprocess.run([*cli_command(), *train_argv(recipe, out)], capture_output=True, text=True, timeout=600)
+    assert_one_line_error(proc.returncode, proc.stderr, str(recipe), "max_steps must be >= 1", "got 0")
+    assert snapshot(tmp_path) == before
 
 
 def test_recipe_file_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -883,6 +925,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path: Path, capsys: pytest.Cap
     assert code == 128 + signal.SIGTERM, f"SIGTERM at step {at}: exit {code}\n{err}"
     assert "Traceback" not in err
     assert f"error: stopped by SIGTERM after step {at}: checkpoint {run / f'checkpoint-{at}'} written" in err
+    record(code, next(line for line in err.splitlines() if line.startswith("error: ")))
     assert (run / f"checkpoint-{at}").is_dir() and not (run / "model").exists()
     mod.KILL.update(at=None, calls=0)
     code, _, err = run_cli(capsys, train_argv(recipe, run, "--resume"))
@@ -911,9 +954,8 @@ def test_sigterm_real_subprocess(tmp_path: Path, reward_module: str) -> None:
 
     recipe = write_recipe(tmp_path / "recipe.yaml", reward=f"{reward_module}:latent_energy", max_steps=500)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(importlib_util_origin(reward_module)).parent),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "trl_video.cli", *train_argv(recipe, out)], env=env,
+    env = subprocess_env(reward_module)
+    proc = subprocess.Popen([*cli_command(), *train_argv(recipe, out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 600
@@ -930,6 +972,7 @@ def test_sigterm_real_subprocess(tmp_path: Path, reward_module: str) -> None:
     assert "Traceback" not in err
     last = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(last) == 1 and "stopped by SIGTERM" in last[0] and "--resume" in last[0]
+    record(proc.returncode, last[0])
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     from trl_video.checkpointing import verify_checkpoint
 
@@ -938,12 +981,6 @@ def test_sigterm_real_subprocess(tmp_path: Path, reward_module: str) -> None:
     assert not (out / ".trl-video.lock").exists()
 
 
-def importlib_util_origin(module: str) -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec(module)
-    assert spec is not None and spec.origin is not None
-    return spec.origin
 
 
 # ------------------------------------------------------------------------------------------------ rewards / data
