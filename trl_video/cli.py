@@ -133,7 +133,8 @@ def monitor_line(mon: dict[str, Any]) -> str:
     parts = []
     fd = mon["frechet_distance_to_reference"]
     if fd["before"] is not None:
-        parts.append(f"FD to ground truth {fd['before']:.3f} -> {fd['after']:.3f}")
+        parts.append(f"FD to ground truth {fd['before']:.3f} +- {fd.get('before_se') or 0:.3f} -> "
+                     f"{fd['after']:.3f} +- {fd.get('after_se') or 0:.3f}")
     parts.append(f"diversity {mon['diversity']['before']:.3f} -> {mon['diversity']['after']:.3f}")
     parts += [f"{n} {v['before']:.4f} -> {v['after']:.4f}" for n, v in mon["heldout_rewards"].items()]
     return "hacking monitor: " + "; ".join(parts)

@@ -5,15 +5,21 @@ Besides the trained reward it reports, before and after training on the same (pr
 * held-out rewards: every evaluated reward the run was not trained on (a hacked reward rises alone);
 * distance to reference samples: on the embedded world, the Frechet distance between clip features of the
   samples and of the world's ground-truth clips for the same captions and seeds (:func:`evaluation.video_features`,
-  standardised by the reference set);
-* sample diversity: mean pairwise Euclidean distance between the samples' standardised features (a policy
-  collapsing onto one video drives it to 0);
+  not standardised: the features share units (fractions of the frame, colour levels), and one fixed scale keeps
+  the checkpoints' distances comparable; scaling by the reference set's spread alone inflated features the
+  reference holds nearly constant), with its bootstrap standard error;
+* sample diversity: mean pairwise Euclidean distance between the samples' features (a policy collapsing onto
+  one video drives it to 0);
+
+Both numbers come from the package's ``evaluate`` modules (``frechet_distance``, ``diversity``), the same ones
+``feature_metrics`` reports, so there is one implementation of each.
 * across the run's checkpoints: trained reward vs distance, one point per checkpoint
   (``reward_vs_distance.png``): reward going up while the distance goes up is the hacking signature.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +36,35 @@ def world_reference(prompts: list[str], seeds: list[int]) -> Tensor | None:
     return world.render_batch(prompts, seeds).float()
 
 
-def standardise(x: Tensor, ref: Tensor) -> Tensor:
-    return (x - ref.mean(0)) / ref.std(0).clamp_min(1e-6)
+@cache
+def _metric(name: str) -> Any:
+    from .evaluation import load_metric
+
+    return load_metric(name)
 
 
 def diversity(features: Tensor) -> float:
-    """Mean pairwise Euclidean distance over all pairs of distinct samples."""
-    n = len(features)
-    if n < 2:
+    """Mean pairwise Euclidean distance over all pairs of distinct samples (the ``diversity`` module)."""
+    if len(features) < 2:
         return 0.0
-    return float(torch.cdist(features, features).sum() / (n * (n - 1)))
+    groups = ["all"] * len(features)  # the module's per-prompt part is not used here
+    return float(_metric("diversity").compute(predictions=features.tolist(), references=groups)["diversity"])
+
+
+def frechet(features: Tensor, ref_feats: Tensor, num_bootstrap: int = 200) -> dict[str, float | None]:
+    """Frechet distance of ``features`` to ``ref_feats`` and its bootstrap s.e. (the ``frechet_distance`` module)."""
+    res = _metric("frechet_distance").compute(predictions=features.tolist(), references=ref_feats.tolist(),
+                                              num_bootstrap=num_bootstrap)
+    return {"frechet_distance": res["frechet_distance"], "frechet_distance_se": res["frechet_distance_se"]}
 
 
 def distance_stats(pix: Tensor, ref_feats: Tensor | None) -> dict[str, float | None]:
     from .evaluation import video_features
-    from .stats import frechet_distance
 
     feats = video_features(pix.cpu())
     if ref_feats is None:
-        return {"frechet_distance": None, "diversity": diversity(feats)}
-    z = standardise(feats, ref_feats)
-    return {"frechet_distance": frechet_distance(z, standardise(ref_feats, ref_feats)), "diversity": diversity(z)}
+        return {"frechet_distance": None, "frechet_distance_se": None, "diversity": diversity(feats)}
+    return {**frechet(feats, ref_feats), "diversity": diversity(feats)}
 
 
 def summarise(per_reward: dict[str, Any], trained: str, before: dict[str, Any], after: dict[str, Any],
@@ -60,7 +74,9 @@ def summarise(per_reward: dict[str, Any], trained: str, before: dict[str, Any], 
     out: dict[str, Any] = {
         "trained_reward": trained,
         "heldout_rewards": heldout,
-        "frechet_distance_to_reference": {"before": before["frechet_distance"], "after": after["frechet_distance"]},
+        "frechet_distance_to_reference": {"before": before["frechet_distance"], "after": after["frechet_distance"],
+                                          "before_se": before["frechet_distance_se"],
+                                          "after_se": after["frechet_distance_se"]},
         "diversity": {"before": before["diversity"], "after": after["diversity"]},
         "reference": reference,
     }
