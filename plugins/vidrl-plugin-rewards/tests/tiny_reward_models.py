@@ -180,3 +180,89 @@ def save_tiny_imagereward(folder: Path, seed: int = 3):
     torch.save(sd, repo / "ImageReward.pt")
     (repo / "med_config.json").write_text(json.dumps(med))
     return repo, tok_dir, (vis, txt, head)
+
+
+# ------------------------------------------------------------------------------------------------ VideoReward
+QWEN2VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                    "<|image_pad|>", "<|video_pad|>"]
+#: Qwen2-VL's chat format (default system turn, content parts, generation prompt), written for the tiny tokenizer
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_qwen2_tokenizer(folder: Path):
+    """A Qwen2 byte-level BPE tokenizer with a byte vocabulary (no merges), Qwen2-VL's special tokens and chat
+    template: real tokenizer code, tiny files. Returns the tokenizer."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(_byte_chars())}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tok.add_tokens(QWEN2VL_SPECIALS, special_tokens=True)
+    tok.chat_template = QWEN2VL_CHAT_TEMPLATE
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def qwen2vl_config(tok):
+    from transformers import Qwen2VLConfig
+
+    ids = tok.convert_tokens_to_ids
+    return Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}),
+        vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"), bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+
+
+VIDEOREWARD_NORM = {"VQ_mean": 0.5, "VQ_std": 2.0, "MQ_mean": -1.0, "MQ_std": 0.5, "TA_mean": 0.0, "TA_std": 4.0}
+
+
+def save_tiny_videoreward(folder: Path, output_dim: int = 1, max_frame_pixels: int = 56 * 84, seed: int = 4,
+                          step: int = 7):
+    """KwaiVGI/VideoReward layout: ``model_config.json`` + ``checkpoint-<step>/model.pth`` (a full state dict in
+    transformers-4.45 names, as VideoAlign's trainer saves it), and a base folder (Qwen/Qwen2-VL-2B-Instruct
+    layout: config + tokenizer). Returns (repo, base, reference model, rm_head)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    base = folder / "Qwen2-VL-tiny"
+    tok = save_qwen2_tokenizer(base)
+    config = qwen2vl_config(tok)
+    config.save_pretrained(base)
+    tok.add_tokens(["<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"], special_tokens=True)  # VideoAlign's step
+    config.text_config.vocab_size = len(tok)  # resize_token_embeddings(len(tokenizer))
+    torch.manual_seed(seed)
+    ref = Qwen2VLForConditionalGeneration(config).eval()
+    rm_head = torch.nn.Linear(32, output_dim, bias=False).eval()
+    sd = {}
+    for k, v in ref.state_dict().items():  # transformers 5 -> 4.45 names
+        if k.startswith("model.visual."):
+            sd[k[len("model."):]] = v
+        elif k.startswith("model.language_model."):
+            sd["model." + k[len("model.language_model."):]] = v
+        else:
+            sd[k] = v
+    sd.update({f"rm_head.{k}": v for k, v in rm_head.state_dict().items()})
+    repo = folder / "VideoReward"
+    (repo / f"checkpoint-{step}").mkdir(parents=True, exist_ok=True)
+    (repo / "checkpoint-3").mkdir(parents=True, exist_ok=True)  # an older one: the latest is loaded
+    torch.save(sd, repo / f"checkpoint-{step}" / "model.pth")
+    torch.save({}, repo / "checkpoint-3" / "model.pth")
+    (repo / "model_config.json").write_text(json.dumps({
+        "data_config": {"fps": 2.0, "num_frames": None, "max_frame_pixels": max_frame_pixels, "eval_dim": ["VQ", "MQ", "TA"],
+                        "prompt_template_type": "detailed_special", "sample_type": "uniform"},
+        "model_config": {"model_name_or_path": str(base), "output_dim": output_dim, "use_special_tokens": True,
+                         "reward_token": "special"},
+        "peft_lora_config": {"lora_enable": False},
+        "inference_config": VIDEOREWARD_NORM}))
+    return repo, base, ref, rm_head

@@ -1,7 +1,7 @@
 """trl-video reward models, reward mixing and the reward service, registered through the ``reward`` hook.
 
 Rewards: ``clip_score``, ``pickscore``, ``hpsv2``, ``hpsv21``, ``aesthetic``, ``imagereward``,
-``mix``, and ``http://`` / ``https://`` URLs (a ``trl-video reward-serve`` server). Modules are imported
+``videoalign``, ``mix``, and ``http://`` / ``https://`` URLs (a ``trl-video reward-serve`` server). Modules are imported
 when a reward is built, so listing plugins loads no model code.
 """
 
@@ -32,6 +32,7 @@ REWARDS = {
     "hpsv21": ("clip", "HPSv21"),
     "aesthetic": ("clip", "Aesthetic"),
     "imagereward": ("blip", "ImageReward"),
+    "videoalign": ("videoalign", "VideoAlign"),
     "mix": ("mix", "MixReward"),
     "http://": ("service", "HttpReward"),
     "https://": ("service", "HttpReward"),

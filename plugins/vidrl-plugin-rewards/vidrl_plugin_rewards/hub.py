@@ -29,6 +29,22 @@ def resolve_file(repo: str, filename: str, revision: str | None = None) -> str:
                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
 
 
+def list_files(repo: str, revision: str | None = None) -> list[str]:
+    """Relative paths of the files in a local folder or a Hub model repo (one-line error naming ``repo``)."""
+    local = Path(repo)
+    if local.is_dir():
+        return sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    import os
+
+    from huggingface_hub import HfApi
+
+    try:
+        return sorted(HfApi(endpoint=os.environ.get("HF_ENDPOINT")).list_repo_files(repo, revision=revision))
+    except Exception as exc:
+        raise TrlVideoError(f"cannot list the files of '{repo}': {type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+
+
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """safetensors, or a torch pickle read with ``weights_only=True`` (the reward models' official .pt/.pth)."""
     if path.endswith(".safetensors"):
