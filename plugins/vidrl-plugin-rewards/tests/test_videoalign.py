@@ -223,6 +223,28 @@ def test_bad_inputs_are_one_line_errors(repo, tmp_path):
     assert np.isfinite(reward(uint8_video(2, 4, 56, 84), PROMPTS).numpy()).all()
 
 
+def test_chat_template_from_chat_template_json(repo, tmp_path):
+    """A base whose tokenizer has no chat template, but a processor-side ``chat_template.json`` (newer Qwen2-VL
+    repos): the same scores; with neither, a one-line error naming the base."""
+    folder, base = repo[0], repo[1]
+    bare = tmp_path / "base"
+    shutil.copytree(base, bare)
+    for f in bare.iterdir():
+        if f.name == "tokenizer_config.json":
+            cfg = json.loads(f.read_text())
+            cfg.pop("chat_template", None)
+            f.write_text(json.dumps(cfg))
+        elif f.name.startswith("chat_template"):
+            f.unlink()
+    with pytest.raises(TrlVideoError, match=re.escape(f"'{bare}' has no chat template")):
+        VideoAlign(model=str(folder), base=str(bare), **SMALL)
+    (bare / "chat_template.json").write_text(json.dumps({"chat_template": tiny.QWEN2VL_CHAT_TEMPLATE}))
+    video = uint8_video(1, 9, 56, 84, seed=7)
+    ours = VideoAlign(model=str(folder), base=str(bare), **SMALL).score_heads(video, PROMPTS[:1])
+    theirs = VideoAlign(model=str(folder), **SMALL).score_heads(video, PROMPTS[:1])
+    assert all(torch.equal(ours[h], theirs[h]) for h in HEADS)
+
+
 def test_registered_and_built_by_name(repo):
     from trl_video.plan import build_reward
     from trl_video.plugins import get_registry

@@ -176,8 +176,13 @@ class VideoAlign:
         config = from_pretrained(AutoConfig, base, "videoalign base config")
         self.tokenizer = from_pretrained(AutoTokenizer, base, "videoalign tokenizer")
         self.tokenizer.padding_side = "right"  # as VideoAlign's processor
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise TrlVideoError(f"videoalign: the tokenizer of '{base}' has no chat template")
+        if getattr(self.tokenizer, "chat_template", None) is None:  # newer Qwen2-VL repos keep it processor-side
+            try:
+                self.tokenizer.chat_template = json.loads(
+                    Path(resolve_file(base, "chat_template.json")).read_text())["chat_template"]
+            except (TrlVideoError, KeyError, ValueError):
+                raise TrlVideoError(f"videoalign: '{base}' has no chat template (tokenizer_config.json or "
+                                    "chat_template.json)") from None
         self.tokenizer.add_tokens(list(REWARD_TOKENS), special_tokens=True)
         self.reward_ids = self.tokenizer.convert_tokens_to_ids(list(REWARD_TOKENS))
 
@@ -189,7 +194,7 @@ class VideoAlign:
                                 f"with the 3 reward tokens has {len(self.tokenizer)}")
         config.text_config.vocab_size = rows
         with init_empty_weights(include_buffers=False):  # no random init of 2B parameters overwritten next
-            self.model = Qwen2VLModel(config)
+            self.model: nn.Module = Qwen2VLModel(config)
         missing, unexpected = self.model.load_state_dict(body, strict=False, assign=True)
         if missing or unexpected or "weight" not in head:
             raise TrlVideoError(f"videoalign: '{model}/{ckpt}' does not match the config of '{base}' (missing "
