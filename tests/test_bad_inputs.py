@@ -127,12 +127,17 @@ def reward_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield name
 
 
+#: the folder whose files every failing CLI call must leave byte-identical: the running test's tmp_path
+GUARDED: dict[str, Path] = {}
+
+
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     import datasets
 
     # datasets reads its cache root at call time: keep the json/world caches out of ~/.cache
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_datasets_cache"))
+    monkeypatch.setitem(GUARDED, "root", tmp_path)
 
 
 def write_recipe(path: Path, **overrides: Any) -> Path:
@@ -161,10 +166,18 @@ def close_stray_progress_bars() -> None:
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], argv: list[Any]) -> tuple[int, str, str]:
+    """``trl_video.cli.main(argv)`` in this process: (exit code, stdout, stderr). A call that ends with exit code 2
+    must leave every file that existed under the test's tmp_path byte-identical (hash, size and mtime)."""
     close_stray_progress_bars()
     capsys.readouterr()  # drop whatever the test's own setup printed (and the closed bars)
+    root = GUARDED["root"]
+    before = snapshot(root)
     code = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
+    if code == 2:
+        after = snapshot(root)
+        changed = [k for k, v in before.items() if after.get(k) != v]
+        assert not changed, f"a failed run changed or removed {changed}\n{err}"
     return code, out, err
 
 
@@ -386,6 +399,19 @@ def test_existing_checkpoint_is_never_overwritten(tmp_path: Path, capsys: pytest
     line = assert_one_line_error(code, err, str(out), "checkpoint-1", "--resume")
     assert "nothing was changed" in line
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("where", ["is-a-file", "under-a-file"], ids=["output-dir-is-a-file", "output-dir-under-a-file"])
+def test_output_dir_cannot_be_created(tmp_path: Path, capsys: pytest.CaptureFixture[str], reward_module: str,
+                                      where: str) -> None:
+    """An output dir that cannot be made (a file is in the way; as root, permissions do not stop writes, so a
+    read-only folder cannot be set up in a test): one line naming it, the file untouched (run_cli checks)."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    out = blocker if where == "is-a-file" else blocker / "run"
+    recipe = write_recipe(tmp_path / "recipe.yaml", reward=f"{reward_module}:latent_energy")
+    code, _, err = run_cli(capsys, train_argv(recipe, out))
+    assert_one_line_error(code, err, f"output dir '{out}' cannot be created")
 
 
 def test_encode_out_exists(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
