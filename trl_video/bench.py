@@ -304,7 +304,7 @@ if __name__ == "__main__":
 
     if len(sys.argv) > 2 and sys.argv[1] == "scaling-worker":
         sys.exit(scaling_worker(sys.argv[2:]))
-MEMORY_PLAN_CASES = {
+MEMORY_PLAN_CASES: dict[str, dict[str, Any]] = {
     # name: recipe overrides on top of a ReFL step on the tiny model (alignment reward, 8 sampling steps)
     "wan-lora": dict(model="tiny-wan", use_peft=True, sampler_args={"num_steps": 8, "grad_steps": 2}),
     "wan-full-ema": dict(model="tiny-wan", use_peft=False, ema_decay=0.9,

@@ -313,6 +313,14 @@ def deprecation_note(old: str) -> str:
     return f"key '{old}' is deprecated, use '{new}' (the {why}); it still works"
 
 
+def lora_config_for(rank: int, target_modules: list[str] | None = None, alpha: float | None = None) -> Any:
+    """A peft ``LoraConfig`` of this rank (alpha defaults to the rank) through ``trl.get_peft_config``: the one
+    LoRA path, for the policy's adapter and for auxiliary models' own adapters (DMD's fake score)."""
+    from trl import get_peft_config
+
+    return get_peft_config(model_config_for("", lora_r=rank, lora_alpha=alpha, lora_target_modules=target_modules))
+
+
 def model_config_for(model: str, *, use_peft: bool = True, lora_r: int = 8, lora_alpha: float | None = None,
                      lora_dropout: float = 0.0, lora_target_modules: list[str] | None = None,
                      use_rslora: bool = False, use_dora: bool = False) -> Any:

@@ -89,9 +89,10 @@ def find_spec(model: str) -> ModelSpec:
     folder = Path(model).expanduser()
     if (folder / "model_index.json").is_file():
         index = json.loads((folder / "model_index.json").read_text())
-        family = {"WanPipeline": "wan", "CogVideoXPipeline": "cogvideox"}.get(index.get("_class_name", ""))
-        if family is None:
+        pipeline = index.get("_class_name", "")
+        if pipeline not in ("WanPipeline", "CogVideoXPipeline"):
             raise TrlVideoError(f"{folder}/model_index.json: unsupported pipeline '{index.get('_class_name')}'")
+        family = "wan" if pipeline == "WanPipeline" else "cogvideox"
 
         def read(sub: str) -> dict[str, Any]:
             return json.loads((folder / sub / "config.json").read_text())
@@ -107,21 +108,24 @@ def find_spec(model: str) -> ModelSpec:
                         f"or a local diffusers folder)")
 
 
-def _diffusers_class(cfg: dict[str, Any]) -> type:
+def _from_config(cfg: dict[str, Any], **overrides: Any) -> Any:
+    """The diffusers model named by ``cfg["_class_name"]``, built from the rest of ``cfg``. Typed ``Any``: diffusers'
+    ``from_config`` is ``(*args, **kwargs) -> Any`` and mypy does not see its models' decorated methods
+    (``decode``) at all."""
     import diffusers
 
-    return getattr(diffusers, cfg["_class_name"])
+    cls = getattr(diffusers, cfg["_class_name"])
+    return cls.from_config({**{k: v for k, v in cfg.items() if not k.startswith("_")}, **overrides})
 
 
 def build_transformer(spec: ModelSpec, **overrides: Any) -> nn.Module:
-    cls = _diffusers_class(spec.transformer)
-    cfg = {k: v for k, v in spec.transformer.items() if not k.startswith("_")}
-    return cls.from_config({**cfg, **overrides})
+    transformer: nn.Module = _from_config(spec.transformer, **overrides)
+    return transformer
 
 
-def build_vae(spec: ModelSpec) -> nn.Module:
-    cls = _diffusers_class(spec.vae)
-    return cls.from_config({k: v for k, v in spec.vae.items() if not k.startswith("_")})
+def build_vae(spec: ModelSpec) -> Any:
+    """A diffusers ``AutoencoderKL*`` (``Any`` for its ``decode``, see :func:`_from_config`)."""
+    return _from_config(spec.vae)
 
 
 def build_text_encoder(spec: ModelSpec) -> nn.Module:
@@ -147,8 +151,9 @@ def numel(module: nn.Module | None, trainable: bool | None = None) -> int:
 
 def add_lora(transformer: nn.Module, lora_config: Any) -> None:
     """The recipe's adapter (the peft ``LoraConfig`` the trainer adds) on a meta or real transformer."""
-    transformer.requires_grad_(False)
-    transformer.add_adapter(copy.deepcopy(lora_config))
+    from .models.policy import add_lora_adapter
+
+    add_lora_adapter(transformer, copy.deepcopy(lora_config))
 
 
 def block_sizes(transformer: nn.Module) -> tuple[int, int, int]:
@@ -277,7 +282,7 @@ def measure_vae_decode(spec: ModelSpec, dtype: torch.dtype, sides: tuple[int, in
     torch.manual_seed(0)
     vae = build_vae(spec).to(dtype)
     vae.requires_grad_(False)
-    ch = spec.vae.get("z_dim") or spec.vae.get("latent_channels")
+    ch = int(spec.vae.get("z_dim") or spec.vae["latent_channels"])  # Wan's and CogVideoX's names for it
     pts = []
     for side in sides:
         z = torch.randn(1, ch, 2, side, side, dtype=dtype, requires_grad=True)

@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 from torch import Tensor, nn
 
 from .errors import TrlVideoError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import OptimizerStateType, ValueType
+    from torch.distributed.tensor import DTensor
 
 #: ``fsdp_config`` keys (recipe) with their types and defaults.
 FSDP_OPTIONS: dict[str, tuple[type, Any]] = {
@@ -60,7 +64,7 @@ def fsdp_options(config: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ recognising
-def is_sharded(tensor: Any) -> bool:
+def is_sharded(tensor: Any) -> TypeGuard[DTensor]:
     """True for a DTensor (a parameter, gradient or EMA shadow of an FSDP-sharded module)."""
     from torch.distributed.tensor import DTensor
 
@@ -174,13 +178,25 @@ def _full_options(**kw: Any) -> Any:
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
+def _tensors(state: Mapping[str, ValueType], where: str) -> dict[str, Tensor]:
+    """A model state dict's values narrowed to tensors (DCP types them as any state value; a module's are all
+    tensors)."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{where}: '{key}' is a {type(value).__name__}, not a tensor")
+        out[key] = value
+    return out
+
+
 def full_state_dict(module: nn.Module, trainable_only: bool = False) -> dict[str, Tensor]:
     """Full (unsharded) CPU state dict of ``module``; keys are the unsharded module's names. With
     ``trainable_only`` only the parameters that require grad (the LoRA weights, or all of a full fine-tune).
     Sharded: a collective; the tensors land on rank 0 (other ranks get an empty dict)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    sd = get_model_state_dict(module, options=_full_options(ignore_frozen_params=trainable_only))
+    sd = _tensors(get_model_state_dict(module, options=_full_options(ignore_frozen_params=trainable_only)),
+                  "model state dict")
     if trainable_only:
         keep = {n for n, p in module.named_parameters() if p.requires_grad}
         sd = {k: v for k, v in sd.items() if k in keep}
@@ -191,7 +207,8 @@ def load_full_state_dict(module: nn.Module, state: dict[str, Tensor], strict: bo
     """Load a full state dict (every rank passes the same one) into a sharded or plain module."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+    values: dict[str, ValueType] = dict(state)  # DCP's parameter type is the wider state-value union
+    set_model_state_dict(module, values, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 def optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -199,7 +216,9 @@ def optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer) ->
     param-group order), whether the module is sharded or not. Sharded: a collective; rank 0 gets the state."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    osd = get_optimizer_state_dict(module, optimizer, options=_full_options())
+    # full_state_dict layout (DCP types it as the general OptimizerStateType union): "state" maps each parameter's
+    # name to its dict of tensors/steps, "param_groups" is a list of dicts whose "params" are parameter names
+    osd = cast(dict[str, Any], get_optimizer_state_dict(module, optimizer, options=_full_options()))
     if not osd or "param_groups" not in osd:
         return {}
     order = [fqn for group in osd["param_groups"] for fqn in group["params"]]
@@ -221,7 +240,8 @@ def load_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimize
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     osd = {"state": {order[int(i)]: s for i, s in state["state"].items()},
            "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(module, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(module, optimizer, cast("OptimizerStateType", osd),  # the layout it returned above
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def ema_state_dict(ema: Any) -> dict[str, Any]:
@@ -248,10 +268,16 @@ def load_ema_state_dict(ema: Any, state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ export
-def _unsharded_class(module: nn.Module) -> type:
+def _unsharded_class(module: nn.Module) -> Any:
+    """The diffusers model class under FSDP's wrapper class (``Any``: diffusers types ``from_config`` as returning
+    ``ConfigMixin | tuple``, the tuple only with ``return_unused_kwargs``, which mypy cannot tell apart)."""
+    from diffusers.models.modeling_utils import ModelMixin
     from torch.distributed.fsdp import FSDPModule
 
-    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+    if not issubclass(cls, ModelMixin):
+        raise TrlVideoError(f"cannot export {cls.__name__}: not a diffusers model (no from_config)")
+    return cls
 
 
 def unsharded_copy(module: nn.Module, is_main: bool) -> nn.Module | None:

@@ -23,10 +23,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.modeling_utils import ModelMixin  # the real class (diffusers' top level types a stub)
 from torch import Tensor, nn
 
 from ..components.base import TrainContext
 from ..components.samplers import predict
+from ..config import lora_config_for
+from ..models.policy import add_lora_adapter
 
 EPS = 1e-8
 
@@ -66,22 +70,24 @@ def build_fake_score(ctx: TrainContext, lora_rank: int = 0, prepare: Callable[[n
     ``prepare`` may adapt the copy (e.g. switch a causal generator's copy to full attention)."""
     with torch.no_grad(), (contextlib.nullcontext(teacher) if teacher is not None else ctx.policy.reference()) as ref:
         fake = copy.deepcopy(ref)
-    if getattr(fake, "peft_config", None):
+    if isinstance(fake, PeftAdapterMixin) and getattr(fake, "peft_config", None):
         fake.unload_lora()  # drop the generator's adapter layers: the copy is the bare teacher
     if prepare is not None:
         prepare(fake)
     fake.train()
-    if lora_rank > 0:
-        from peft import LoraConfig
-
-        fake.requires_grad_(False)
-        fake.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank,
-                                    target_modules=list(ctx.config.lora_target_modules), init_lora_weights=True))
-    else:
-        fake.requires_grad_(True)
-    if ctx.config.gradient_checkpointing and hasattr(fake, "enable_gradient_checkpointing"):
+    make_fake_trainable(fake, lora_rank, ctx.config.lora_target_modules)
+    if ctx.config.gradient_checkpointing and isinstance(fake, ModelMixin):
         fake.enable_gradient_checkpointing()
     return fake
+
+
+def make_fake_trainable(fake: nn.Module, lora_rank: int, lora_target_modules: list[str]) -> None:
+    """Fully trainable (``lora_rank == 0``), or frozen with its own LoRA adapter of that rank (alpha = rank) on the
+    recipe's ``lora_target_modules``, built like the policy's (``trl.get_peft_config``)."""
+    if lora_rank > 0:
+        add_lora_adapter(fake, lora_config_for(lora_rank, list(lora_target_modules)))
+    else:
+        fake.requires_grad_(True)
 
 
 def real_x0(ctx: TrainContext, x_t: Tensor, t: Tensor, emb: Tensor, guidance_scale: float = 1.0,

@@ -27,6 +27,17 @@ FAMILIES = {
 }
 
 
+def add_lora_adapter(module: nn.Module, lora_config: Any) -> None:
+    """Freeze ``module`` and add a peft ``LoraConfig`` adapter (then its only trainable weights) through diffusers'
+    ``PeftAdapterMixin.add_adapter``."""
+    from diffusers.loaders import PeftAdapterMixin
+
+    if not isinstance(module, PeftAdapterMixin):
+        raise TrlVideoError(f"{type(module).__name__} cannot take a LoRA adapter (not a diffusers PeftAdapterMixin)")
+    module.requires_grad_(False)
+    module.add_adapter(lora_config)
+
+
 class VideoPolicy(nn.Module):
     """Everything a method needs from the video model, independent of the family."""
 
@@ -186,19 +197,15 @@ class VideoPolicy(nn.Module):
     def add_lora(self, rank: int, alpha: float | None = None, target_modules: list[str] | None = None,
                  init_seed: int | None = None) -> None:
         """Add a LoRA adapter of this rank (alpha defaults to the rank) through ``trl.get_peft_config``."""
-        from trl import get_peft_config
+        from ..config import lora_config_for
 
-        from ..config import model_config_for
-
-        self.add_adapter(get_peft_config(model_config_for("", lora_r=rank, lora_alpha=alpha,
-                                                          lora_target_modules=target_modules)), init_seed)
+        self.add_adapter(lora_config_for(rank, target_modules, alpha), init_seed)
 
     def add_adapter(self, lora_config: Any, init_seed: int | None = None) -> None:
         """Freeze the base transformer and add a peft ``LoraConfig`` adapter (the only trainable weights)."""
-        self.transformer.requires_grad_(False)
         if init_seed is not None:
             torch.manual_seed(init_seed)
-        self.transformer.add_adapter(lora_config)
+        add_lora_adapter(self.transformer, lora_config)
 
     def freeze_reference(self) -> None:
         """Full fine-tuning needs a frozen copy for the reference; LoRA uses the base (adapter disabled)."""

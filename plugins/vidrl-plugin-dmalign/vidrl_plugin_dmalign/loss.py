@@ -43,6 +43,7 @@ from trl_video.methods.dmd import (
     build_fake_score,
     dmd_direction,
     fake_denoising_loss,
+    make_fake_trainable,
     per_sample_mean_abs,
     real_x0,
     rescale_to,
@@ -131,14 +132,7 @@ class DMAlignLoss:
         fully trainable or frozen with its own LoRA, as :func:`build_fake` makes it."""
         cfg = method_config if isinstance(method_config, DMAlignConfig) else DMAlignConfig()
         fake = type(transformer).from_config(transformer.config)
-        if cfg.fake_lora_rank > 0:
-            from peft import LoraConfig
-
-            fake.requires_grad_(False)
-            fake.add_adapter(LoraConfig(r=cfg.fake_lora_rank, lora_alpha=cfg.fake_lora_rank,
-                                        target_modules=list(config.lora_target_modules), init_lora_weights=True))
-        else:
-            fake.requires_grad_(True)
+        make_fake_trainable(fake, cfg.fake_lora_rank, config.lora_target_modules)
         return {"fake": fake}
 
     def phases(self, step: int) -> list[Phase]:

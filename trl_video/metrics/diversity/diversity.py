@@ -3,6 +3,8 @@ within each group (the samples of one prompt under different seeds; a policy col
 drives the within-prompt value towards 0).
 """
 
+from typing import Any
+
 import datasets
 import evaluate
 import torch
@@ -33,7 +35,7 @@ class Diversity(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Sequence(datasets.Value("float64")),
                                         "references": datasets.Value("string")}))
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions: list[list[float]], references: list[str]) -> dict[str, Any]:
         x = torch.tensor(predictions, dtype=torch.float64)
         groups: dict[str, list[int]] = {}
         for i, g in enumerate(references):
