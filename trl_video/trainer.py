@@ -255,12 +255,13 @@ class VideoRewardTrainer:
         # restored optimiser/scheduler state, so an accepted change (learning_rate, betas, warmup, ...) takes effect
         self._recipe_hparams = {n: [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
                                 for n, o in self.optimizers.items()}
-        # EMA copies (diffusers' EMAModel) of every group that asks for one
-        from diffusers.training_utils import EMAModel
+        # EMA copies (diffusers' EMAModel) of every group that asks for one: a decay, or the loss's schedule
+        from .ema import make_ema
 
         for name, g in self.groups.items():
-            if g.ema_decay:
-                self.ctx.ema[name] = EMAModel(self.group_params(name), decay=g.ema_decay)
+            ema = make_ema(self.group_params(name), g.ema_decay, self.loss.ema_schedule(name))
+            if ema is not None:
+                self.ctx.ema[name] = ema
         from transformers import TrainerControl, TrainerState
 
         from .callbacks import VideoCallbackHandler

@@ -180,7 +180,8 @@ def check_components(config: Any, plan: Any, registry: Any) -> dict[str, Any]:
                             f"set group_size >= 2")
     if not replay_needs_rollouts and not config.offline_latents:
         raise TrlVideoError(f"replay '{plan.components['replay'][0]}' needs offline latents: set offline_latents")
-    if plan.components["sampler"][1].get("behaviour") == "ema" and not config.ema_decay:
+    if (plan.components["sampler"][1].get("behaviour") == "ema" and not config.ema_decay
+            and loss.ema_schedule("policy") is None):  # a loss may keep the policy EMA on its own schedule
         raise TrlVideoError("sampler_args.behaviour 'ema' needs policy EMA: set ema_decay > 0")
     for i, extra in enumerate(config.eval_rewards):
         try:

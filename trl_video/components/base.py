@@ -137,6 +137,12 @@ class Loss(Protocol):
 
     def compute(self, ctx: TrainContext, phase: Phase, batch: Rollouts | None) -> tuple[Tensor, dict[str, float]]: ...
 
+    def ema_schedule(self, group: str) -> Callable[[int], float] | None:
+        """The EMA decay of ``group`` after n optimiser steps, for losses that use the EMA as a second policy
+        (DiffusionNFT's old policy); the trainer then keeps that group's EMA on this schedule (it replaces the
+        recipe's ``ema_decay``). None: the recipe's ``ema_decay`` / ``Trainable.ema_decay`` decides."""
+        ...
+
 
 class BaseSampler:
     """Optional base of samplers (the built-in grid samplers derive from ``samplers.GridSampler``)."""
@@ -190,6 +196,9 @@ class BaseLoss:
     def compute(self, ctx: TrainContext, phase: Phase, batch: Rollouts | None) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def ema_schedule(self, group: str) -> Callable[[int], float] | None:
+        return None
+
 
 #: per hook point: (protocol, required methods, flag defaults)
 INTERFACES: dict[str, tuple[type, tuple[str, ...], dict[str, Any]]] = {
@@ -198,6 +207,12 @@ INTERFACES: dict[str, tuple[type, tuple[str, ...], dict[str, Any]]] = {
     "replay": (Replay, ("update", "sample"), {"needs_rollouts": True}),
     "loss": (Loss, ("setup", "phases", "compute"), {"sample_grad": False, "reward_grad": False}),
     "reward": (Reward, ("__call__",), {"space": "pixel", "differentiable": False}),
+}
+
+
+#: per hook point: optional methods and what a component without them behaves like (no warning: they are optional)
+OPTIONAL_METHODS: dict[str, dict[str, Callable[..., Any]]] = {
+    "loss": {"ema_schedule": lambda group: None},
 }
 
 
@@ -220,6 +235,9 @@ def ensure_interface(kind: str, obj: Any, name: str = "") -> Any:
             warnings.warn(f"{label} does not declare '{flag}'; assuming {default!r} (declare it, or derive from "
                           f"trl_video.components.base.Base{kind.capitalize()})", DeprecationWarning, stacklevel=2)
             setattr(obj, flag, default)
+    for method, fallback in OPTIONAL_METHODS.get(kind, {}).items():
+        if not callable(getattr(obj, method, None)):
+            setattr(obj, method, fallback)
     return obj
 
 
