@@ -974,6 +974,24 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path: Path, capsys: pytest.Cap
     assert len(list((run / "tensorboard" / run.name).glob("events.out.tfevents.*"))) == 2
 
 
+def test_sigint_is_a_stop_request_and_a_second_one_stops_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C during training: the first SIGINT is turned into a stop request (no KeyboardInterrupt mid-step),
+    a second one interrupts at once; the previous handlers come back afterwards."""
+    from trl_video.runguard import StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    first_survived = False
+    with pytest.raises(KeyboardInterrupt):
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested() == signal.SIGINT
+            assert "received SIGINT: finishing this step and writing a checkpoint" in capsys.readouterr().err
+            first_survived = True
+            os.kill(os.getpid(), signal.SIGINT)
+            pytest.fail("the second SIGINT did not interrupt")
+    assert first_survived and signal.getsignal(signal.SIGINT) is before
+
+
 def test_sigterm_real_subprocess(tmp_path: Path, reward_module: str) -> None:
     """The CLI as a user runs it, stopped from outside once it has logged a step."""
     import time
