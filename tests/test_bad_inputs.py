@@ -414,6 +414,17 @@ def test_output_dir_cannot_be_created(tmp_path: Path, capsys: pytest.CaptureFixt
     assert_one_line_error(code, err, f"output dir '{out}' cannot be created")
 
 
+def test_fresh_run_over_the_metrics_of_an_earlier_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      reward_module: str) -> None:
+    """A run killed before its first checkpoint left metrics.jsonl: a new run there would repeat its steps."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.5}\n')
+    recipe = write_recipe(tmp_path / "recipe.yaml", reward=f"{reward_module}:latent_energy")
+    code, _, err = run_cli(capsys, train_argv(recipe, out))
+    assert_one_line_error(code, err, f"output dir '{out}'", "metrics.jsonl of an earlier run")
+
+
 def test_encode_out_exists(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     existing = tmp_path / "latents_out"
     existing.mkdir()

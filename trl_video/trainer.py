@@ -158,6 +158,11 @@ class VideoRewardTrainer:
         if existing and not resume:
             raise TrlVideoError(f"output dir '{self.output_dir}' already holds {existing[-1].name}: pass --resume to "
                                 f"continue it, or choose another --output-dir (nothing was changed)")
+        if not resume and (self.output_dir / "metrics.jsonl").exists():
+            # a run stopped before its first checkpoint: a new run there would log its steps a second time
+            raise TrlVideoError(f"output dir '{self.output_dir}' already holds metrics.jsonl of an earlier run (no "
+                                f"checkpoint to resume from): choose another --output-dir, or delete the folder "
+                                f"(nothing was changed)")
         # verified (manifest) before any weights load; a damaged latest checkpoint names the newest intact one
         self.resume_from = (select_resume_checkpoint(self.output_dir, None if resume is True else resume)
                             if resume else None)
