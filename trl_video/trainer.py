@@ -830,10 +830,12 @@ class VideoRewardTrainer:
                 else:
                     group["lr"] = group["lr"] * base / old_base
             sch._last_lr = [g["lr"] for g in opt.param_groups]
-        # the recipe's EMA decay (diffusers' load_state_dict restores the saved one); an EMA new to the run needs
-        # nothing more: diffusers' first update copies the weights
+        # the recipe's EMA decay (diffusers' load_state_dict restores the saved one; a loss's ScheduledEMA ignores
+        # it); an EMA new to the run needs nothing more: diffusers' first update copies the weights
         for name, ema in self.ctx.ema.items():
-            ema.decay = self.groups[name].ema_decay
+            decay = self.groups[name].ema_decay
+            if decay:
+                ema.decay = decay
 
     # ------------------------------------------------------------------ export
     def save_model(self, path: str | Path | None = None) -> Path:

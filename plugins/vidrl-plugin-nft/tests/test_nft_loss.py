@@ -107,3 +107,24 @@ def test_nft_old_policy_lags_when_the_decay_is_positive(tmp_path) -> None:
     assert ema.optimization_step == 2 and ema.cur_decay_value == pytest.approx(0.5)  # min(0.25 * 2, 0.5)
     params = trainer.policy.trainable_parameters()
     assert any(not torch.equal(s, p.detach()) for s, p in zip(ema.shadow_params, params, strict=True))
+
+
+def test_nft_resumes_twice_on_its_ema_schedule(tmp_path) -> None:
+    """The scheduled old policy survives two resumes (a resume re-applies the recipe's EMA decay, which a
+    scheduled EMA has none of) and continues on its schedule."""
+    from trl_video.config import VideoRewardConfig
+    from trl_video.trainer import VideoRewardTrainer
+
+    def config(steps: int) -> VideoRewardConfig:
+        return VideoRewardConfig(model="tiny-wan-random", method="nft", reward="luminance", prompts_per_step=1,
+                                 group_size=2, max_steps=steps, save_steps=1, report_to="none",
+                                 save_model_at_end=False, output_dir=str(tmp_path), lora_r=4,
+                                 sampler_args={"num_steps": 2},
+                                 method_args={"old_decay_rate": 0.25, "old_decay_max": 0.6, "timesteps_per_step": 1})
+
+    VideoRewardTrainer(config(1)).train()
+    for steps in (2, 3):
+        trainer = VideoRewardTrainer(config(steps), resume=True)
+        trainer.train()
+        ema = trainer.ctx.ema["policy"]
+        assert ema.optimization_step == steps and ema.cur_decay_value == pytest.approx(min(0.25 * steps, 0.6))
