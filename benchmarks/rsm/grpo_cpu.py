@@ -59,9 +59,9 @@ def instrument(trainer: VideoRewardTrainer, counter: NFECounter) -> None:
     trainer.policy.transformer.register_forward_pre_hook(counter.hook, with_kwargs=True)
     fresh, compute = trainer._fresh_rollouts, trainer.loss.compute
 
-    def fresh_counted():
+    def fresh_counted(*args: Any, **kwargs: Any):
         with counter.during("sampler"):
-            return fresh()
+            return fresh(*args, **kwargs)
 
     def compute_counted(ctx, phase, batch):
         with counter.during("loss"):
@@ -95,12 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final-eval-prompts", type=int, default=32)
     ap.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
                     help="override a recipe key of one method, e.g. rsm-zo:learning_rate=3e-3")
-    ap.add_argument("--out", default="benchmarks/rsm/results")
+    ap.add_argument("--out", default="benchmarks/rsm/results", help="grpo_cpu.json / .md / .png go here")
+    ap.add_argument("--runs-dir", default="out/bench/rsm_grpo", help="per-run eval grids and GIFs (not committed)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    base_recipes = {m: yaml.safe_load(Path(RECIPES[m]).read_text()) for m in a.methods}
+    # a label 'preset#variant' runs the preset's recipe under its own name (ablations: --set 'flow-grpo#g8:...')
+    base_recipes = {m: yaml.safe_load(Path(RECIPES[m.split("#")[0]]).read_text()) for m in a.methods}
     for item in a.set:
         m, kv = item.split(":", 1)
         k, v = kv.split("=", 1)
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         trainers, counters, rows = {}, {}, {}
         for m in a.methods:
             rec = dict(base_recipes[m], seed=seed, max_steps=a.steps, report_to="none", save_model_at_end=False,
-                       eval_at_end=False, output_dir=str(out / "runs" / f"{m}-s{seed}"))
+                       eval_at_end=False, output_dir=str(Path(a.runs_dir) / f"{m}-s{seed}"))
             trainer = VideoRewardTrainer(config_from_dict(rec), policy=copy.deepcopy(base))
             counters[m] = NFECounter()
             instrument(trainer, counters[m])
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             fp, fs = eval_pairs("world:heldout", a.final_eval_prompts, seed=1234)
             with torch.no_grad():
                 res = evaluate(trainer.policy, fp, fs, {trainer.config.reward: trainer.reward},
-                               out / "runs" / f"{m}-s{seed}" / "eval", num_steps=10)
+                               Path(a.runs_dir) / f"{m}-s{seed}" / "eval", num_steps=10)
             rows[m].update({"final": {k: res[k] for k in ("reward_before", "reward_after", "gain", "gain_sem")},
                             "sampler_nfe": counters[m].counts["sampler"], "loss_nfe": counters[m].counts["loss"]})
             runs.append(rows[m])
@@ -150,40 +152,95 @@ def main(argv: list[str] | None = None) -> int:
         (out / "grpo_cpu.json").write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1))
     summary = summarise(runs, a.methods)
     (out / "grpo_cpu.md").write_text(summary + "\n")
+    plot(runs, a.methods, out / "grpo_cpu.png")
     print(summary)
+    print(f"wrote {out}/grpo_cpu.json, grpo_cpu.md, grpo_cpu.png")
     return 0
 
 
+def mean_sem(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean over seeds (0 for one seed)."""
+    return statistics.mean(values), (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0)
+
+
+def reach(run: dict[str, Any], target: float) -> dict[str, Any] | None:
+    """The first eval point after training started whose held-out reward is >= target."""
+    return next((c for c in run["curve"][1:] if c["heldout_reward"] >= target), None)
+
+
 def summarise(runs: list[dict[str, Any]], methods: list[str]) -> str:
-    lines = ["| method | seeds | held-out reward before -> after (mean over seeds) | gain +- s.d. over seeds | "
-             "sampler NFE | loss NFE | train seconds |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | held-out reward before -> after (mean over seeds) | gain: mean +- s.e. over seeds "
+             "| gain per seed (+- its s.e. over the eval pairs) | sampler NFE | loss NFE | train seconds (mean, "
+             "min-max) |", "|---|---|---|---|---|---|---|---|"]
     for m in methods:
         rs = [r for r in runs if r["method"] == m]
         if not rs:
             continue
-        gains = [r["final"]["gain"] for r in rs]
-        sd = statistics.stdev(gains) if len(gains) > 1 else 0.0
+        gain, sem = mean_sem([r["final"]["gain"] for r in rs])
+        secs = [r["seconds"] for r in rs]
+        per_seed = ", ".join(f"{r['final']['gain']:+.3f}+-{r['final']['gain_sem']:.3f}" for r in rs)
         lines.append(f"| `{m}` | {len(rs)} | {statistics.mean(r['final']['reward_before'] for r in rs):.4f} -> "
-                     f"{statistics.mean(r['final']['reward_after'] for r in rs):.4f} | {statistics.mean(gains):+.4f} "
-                     f"+- {sd:.4f} | {statistics.mean(r['sampler_nfe'] for r in rs):.0f} | "
-                     f"{statistics.mean(r['loss_nfe'] for r in rs):.0f} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
-    # compute to reach the tempflow-grpo final reward (held-out quick eval, mean over seeds per eval point)
-    if "tempflow-grpo" in methods:
-        def curve(m: str) -> list[tuple[float, float, float]]:
-            rs = [r for r in runs if r["method"] == m]
-            n = min(len(r["curve"]) for r in rs)
-            return [(statistics.mean(r["curve"][k]["heldout_reward"] for r in rs),
-                     statistics.mean(r["curve"][k]["sampler_nfe"] for r in rs),
-                     statistics.mean(r["curve"][k]["seconds"] for r in rs)) for k in range(n)]
-        target = curve("tempflow-grpo")[-1]
-        lines.append(f"\nTarget: tempflow-grpo's final held-out reward {target[0]:.4f} at sampler NFE {target[1]:.0f}, "
-                     f"{target[2]:.0f} s (mean over seeds).")
-        for m in methods:
-            hit = next((c for c in curve(m)[1:] if c[0] >= target[0]), None)  # after training started
-            lines.append(f"- `{m}`: " + (f"reaches it at sampler NFE {hit[1]:.0f} ({hit[1] / target[1]:.2f}x), "
-                                         f"{hit[2]:.0f} s ({hit[2] / max(target[2], 1e-9):.2f}x)" if hit else
-                                         "does not reach it within the run"))
+                     f"{statistics.mean(r['final']['reward_after'] for r in rs):.4f} | **{gain:+.4f} +- {sem:.4f}** | "
+                     f"{per_seed} | {statistics.mean(r['sampler_nfe'] for r in rs):.0f} | "
+                     f"{statistics.mean(r['loss_nfe'] for r in rs):.0f} | {statistics.mean(secs):.0f} "
+                     f"({min(secs):.0f}-{max(secs):.0f}) |")
+    if "tempflow-grpo" not in methods:
+        return "\n".join(lines)
+    # compute to reach tempflow-grpo's final reward, seed by seed (same seed = same prompts, same eval pairs)
+    lines += ["", "Compute to reach `tempflow-grpo`'s final held-out reward (its last quick-eval point, per seed; "
+              "the first eval point of each run at or above it). NFE = transformer calls x samples in the sampler "
+              "(rollouts and loss-side branches); seconds = training steps only, the methods interleaved step by step.",
+              "", "| method | seeds reaching it | sampler NFE to reach (mean, min-max) | x tempflow-grpo's | "
+              "seconds to reach (mean, min-max) | x tempflow-grpo's |", "|---|---|---|---|---|---|"]
+    temp = {r["seed"]: r for r in runs if r["method"] == "tempflow-grpo"}
+    for m in methods:
+        hits, nfe_ratio, sec_ratio = [], [], []
+        for r in (r for r in runs if r["method"] == m and r["seed"] in temp):
+            t_end = temp[r["seed"]]["curve"][-1]
+            hit = reach(r, t_end["heldout_reward"])
+            if hit is not None:
+                hits.append(hit)
+                nfe_ratio.append(hit["sampler_nfe"] / max(t_end["sampler_nfe"], 1))
+                sec_ratio.append(hit["seconds"] / max(t_end["seconds"], 1e-9))
+        n = sum(1 for r in runs if r["method"] == m)
+        if not hits:
+            lines.append(f"| `{m}` | 0 of {n} | - | - | - | - |")
+            continue
+        nf, sc = [h["sampler_nfe"] for h in hits], [h["seconds"] for h in hits]
+        lines.append(f"| `{m}` | {len(hits)} of {n} | {statistics.mean(nf):.0f} ({min(nf)}-{max(nf)}) | "
+                     f"{statistics.mean(nfe_ratio):.2f} ({min(nfe_ratio):.2f}-{max(nfe_ratio):.2f}) | "
+                     f"{statistics.mean(sc):.0f} ({min(sc):.0f}-{max(sc):.0f}) | {statistics.mean(sec_ratio):.2f} "
+                     f"({min(sec_ratio):.2f}-{max(sec_ratio):.2f}) |")
     return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], methods: list[str], path: Path) -> None:
+    """Held-out reward (quick eval, mean over seeds +- s.e.) against sampler NFE and against training seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        if not rs:
+            continue
+        n = min(len(r["curve"]) for r in rs)
+        rew = [mean_sem([r["curve"][k]["heldout_reward"] for r in rs]) for k in range(n)]
+        mu, se = [v[0] for v in rew], [v[1] for v in rew]
+        for ax, key in zip(axes, ("sampler_nfe", "seconds")):
+            x = [statistics.mean(r["curve"][k][key] for r in rs) for k in range(n)]
+            ax.plot(x, mu, marker="o", ms=3, label=m)
+            ax.fill_between(x, [a - b for a, b in zip(mu, se)], [a + b for a, b in zip(mu, se)], alpha=0.2)
+    axes[0].set_xlabel("sampler NFE (transformer calls x samples)")
+    axes[1].set_xlabel("training seconds (interleaved)")
+    axes[0].set_ylabel("held-out alignment reward (ODE, 10 steps)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"CPU world, tiny-wan: mean over {len({r['seed'] for r in runs})} seeds +- s.e.", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ posterior variance and gives it a Gaussian log-prob (Flow-GRPO-style SDE samplin
   ``ddim`` (the posterior-variance step above), ``flow_grpo`` (Flow-GRPO's own SDE, ``eta`` = its noise level
   a, 0.7 in the paper) or ``dance_grpo`` (DanceGRPO's, ``eta`` = its eta); ``window_size`` makes only a
   window of steps stochastic, drawn per step (``window_mode: random``, Flow-GRPO-Fast) or sliding with the
-  training step (``sliding``, MixGRPO).
+  training step (``sliding``, MixGRPO); ``same_noise: true`` starts the members of a group from one noise
+  (DanceGRPO's ``init_same_noise``).
 * ``fewstep``: K-step generator sampling (predict x0, re-noise to the next of the K timesteps).
 * ``branch``: ODE prefix shared by a group, one SDE step at a branching step, ODE to the end.
 * ``window``: gradients kept only on a window of K steps starting at a (random) step; the rest runs
@@ -124,8 +125,11 @@ class ODESampler(GridSampler):
     def __init__(self, num_steps: int = 20, behaviour: str = "current", record_trajectory: bool = True, eta: float = 0.0,
                  sde_steps: list[int] | str | None = None, sde_type: str = "ddim", window_size: int = 0,
                  window_mode: str = "random", window_range: list[int] | None = None, window_shift_every: int = 1,
-                 window_stride: int = 1):
+                 window_stride: int = 1, same_noise: bool = False):
         super().__init__(num_steps, behaviour, record_trajectory)
+        # the members of a group start from one noise (DanceGRPO's init_same_noise): the group's reward spread then
+        # comes from the SDE steps alone, which are what the log-probs credit
+        self.same_noise = bool(same_noise)
         from ..errors import TrlVideoError
 
         if sde_type not in SDE_KINDS:
@@ -165,12 +169,21 @@ class ODESampler(GridSampler):
             return i < self.last_stochastic
         return i in set(self.sde_steps)  # type: ignore[arg-type]
 
+    def group_noise(self, ctx: TrainContext, group_ids: Tensor) -> Tensor:
+        """One initial noise per group, seeded by (config seed, step, group id) so that members of a group on
+        different processes share it too."""
+        shape = ctx.policy.latent_shape
+        return torch.stack([
+            torch.randn(*shape, generator=torch.Generator().manual_seed(
+                (ctx.config.seed * 1_000_003 + ctx.step) * 10_007 + int(gid)))
+            for gid in group_ids.tolist()]).to(ctx.device)
+
     @torch.no_grad()
     def sample(self, ctx: TrainContext, prompts: list[str], embeds: Tensor, group_ids: Tensor) -> Rollouts:
         grid = self.grid(ctx)
         if self.window_size:
             self.sde_steps = self.window(ctx)
-        x = noise = self.initial_noise(ctx, len(prompts))
+        x = noise = self.group_noise(ctx, group_ids) if self.same_noise else self.initial_noise(ctx, len(prompts))
         traj = [x] if self.record_trajectory else []
         logps = torch.full((len(prompts), self.num_steps), float("nan"), device=ctx.device)
         with behaviour_policy(ctx, self.behaviour) as net:
@@ -199,9 +212,9 @@ class SDESampler(ODESampler):
     def __init__(self, num_steps: int = 10, behaviour: str = "current", record_trajectory: bool = True, eta: float = 1.0,
                  sde_steps: list[int] | str | None = "all", sde_type: str = "ddim", window_size: int = 0,
                  window_mode: str = "random", window_range: list[int] | None = None, window_shift_every: int = 1,
-                 window_stride: int = 1):
+                 window_stride: int = 1, same_noise: bool = False):
         super().__init__(num_steps, behaviour, record_trajectory, eta, sde_steps, sde_type, window_size, window_mode,
-                         window_range, window_shift_every, window_stride)
+                         window_range, window_shift_every, window_stride, same_noise)
 
 
 class FewStepSampler(GridSampler):
@@ -242,7 +255,7 @@ class BranchSampler(ODESampler):
 
     def __init__(self, num_steps: int = 10, behaviour: str = "current", record_trajectory: bool = True, eta: float = 1.0,
                  branch_steps: list[int] | None = None, sde_type: str = "ddim"):
-        super().__init__(num_steps, behaviour, record_trajectory, eta, None, sde_type)
+        super().__init__(num_steps, behaviour, record_trajectory, eta, None, sde_type, same_noise=True)
         self.branch_steps = branch_steps or list(range(0, max(1, num_steps - 1)))
         _check_stochastic_steps(self.branch_steps, num_steps, "branch_steps")
 
@@ -252,23 +265,9 @@ class BranchSampler(ODESampler):
         g = torch.Generator().manual_seed(ctx.config.seed * 7919 + ctx.step)
         b = self.branch_steps[int(torch.randint(len(self.branch_steps), (1,), generator=g))]
         self.sde_steps = [b]
-        # every member of a group starts from its group's noise, seeded by (seed, step, group id) so that
-        # members on different processes share it too
-        shape = ctx.policy.latent_shape
-        self._noise: Tensor | None = torch.stack([
-            torch.randn(*shape, generator=torch.Generator().manual_seed(
-                (ctx.config.seed * 1_000_003 + ctx.step) * 10_007 + int(gid)))
-            for gid in group_ids.tolist()]).to(ctx.device)
         out = super().sample(ctx, prompts, embeds, group_ids)
         out.branch_step = torch.full((len(prompts),), b, dtype=torch.long)
         return out
-
-    def initial_noise(self, ctx: TrainContext, n: int) -> Tensor:
-        pre = getattr(self, "_noise", None)
-        if pre is not None and pre.shape[0] == n:
-            self._noise = None
-            return pre
-        return super().initial_noise(ctx, n)
 
 
 class WindowGradSampler(GridSampler):

@@ -96,3 +96,23 @@ def test_windowed_sde_steps(policy):
         out = slide.sample(ctx, PROMPTS, emb, torch.tensor([0, 1]))
     finite = torch.isfinite(out.log_probs).all(0).tolist()
     assert finite == [False, True, True, False, False, False]
+
+
+def test_same_noise_shares_the_start_within_a_group(policy):
+    """DanceGRPO's init_same_noise: members of a group start from one noise, so only the SDE steps separate them;
+    groups differ, and without the option every sample has its own noise."""
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    emb = policy.encode_prompts(prompts)[0]
+    gids = torch.tensor([0, 0, 1, 1])
+    outs = {}
+    for same in (True, False):
+        ctx = make_ctx(policy)
+        with torch.no_grad():
+            outs[same] = SDESampler(num_steps=3, eta=0.3, sde_type="dance_grpo", same_noise=same).sample(
+                ctx, prompts, emb, gids)
+    shared = outs[True]
+    assert torch.equal(shared.noise[0], shared.noise[1]) and torch.equal(shared.noise[2], shared.noise[3])
+    assert not torch.allclose(shared.noise[0], shared.noise[2])
+    assert (shared.latents[0] - shared.latents[1]).abs().max() > 1e-3  # the SDE steps still separate them
+    assert torch.isfinite(shared.log_probs).all()
+    assert not torch.allclose(outs[False].noise[0], outs[False].noise[1])

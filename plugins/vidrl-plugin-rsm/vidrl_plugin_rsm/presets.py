@@ -67,15 +67,16 @@ PRESETS: list[Preset] = [
            ("sde", dict(_FLOW_SDE, window_size=2, window_mode="random", window_range=[0, 3])),
            dict(_GRPO, timestep_fraction=1.0)),
     Preset("dance-grpo", DANCE, DANCE_CITE,
-           "DanceGRPO: DanceGRPO's flow SDE (eta=0.3), 16 steps, 60% of the steps (random) per batch, PPO clip, "
-           "no KL.", ("sde", {"num_steps": 16, "sde_type": "dance_grpo", "eta": 0.3}),
+           "DanceGRPO: DanceGRPO's flow SDE (eta=0.3), 16 steps, one initial noise per group (init_same_noise), "
+           "60% of the steps (random) per batch, PPO clip, no KL.",
+           ("sde", {"num_steps": 16, "sde_type": "dance_grpo", "eta": 0.3, "same_noise": True}),
            {"beta": 0.0, "clip_range": 1e-4, "adv_clip_max": 5.0, "timestep_fraction": 0.6,
             "timestep_sampling": "random"}),
     Preset("mix-grpo", MIX, MIX_CITE,
            "MixGRPO: SDE inside a window of 4 steps that slides by 1 every 25 training steps (ODE outside); trains the "
-           "window only; DanceGRPO's SDE.", ("sde", {"num_steps": 16, "sde_type": "dance_grpo", "eta": 0.7,
-                                                    "window_size": 4, "window_mode": "sliding",
-                                                    "window_shift_every": 25, "window_stride": 1}),
+           "window only; DanceGRPO's SDE and its one initial noise per group.",
+           ("sde", {"num_steps": 16, "sde_type": "dance_grpo", "eta": 0.7, "same_noise": True, "window_size": 4,
+                    "window_mode": "sliding", "window_shift_every": 25, "window_stride": 1}),
            {"beta": 0.0, "clip_range": 1e-4, "adv_clip_max": 5.0}),
     Preset("tempflow-grpo", TEMPFLOW, TEMPFLOW_CITE,
            "TempFlow-GRPO: trajectory branching (group shares noise + ODE prefix, one Flow-GRPO SDE step at a random "
