@@ -8,7 +8,11 @@ samples x network calls. Every `--eval-every` steps the policy is scored on held
 the 10-step ODE; at the end the trained policy is evaluated against the base with `trl_video.evaluation.evaluate`
 (the code of `trl-video eval`: paired before/after on world:heldout).
 
-    OMP_NUM_THREADS=1 nice python benchmarks/rsm/grpo_cpu.py --seeds 0 1 2 --steps 16 --out benchmarks/rsm/results
+    OMP_NUM_THREADS=1 nice -n 15 trl-video bench rsm.grpo --seeds 0 1 2 --steps 16 --eval-every 4
+
+Seeds are independent, so on a crowded machine each seed can run as its own process (``--seeds 0 --out DIR0``
+...) and ``--from-json DIR0/grpo_cpu.json DIR1/grpo_cpu.json ...`` writes the same tables and plot; within a
+seed the methods stay interleaved.
 """
 
 from __future__ import annotations
@@ -97,7 +101,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a recipe key of one method, e.g. rsm-zo:learning_rate=3e-3")
     ap.add_argument("--out", default="benchmarks/rsm/results", help="grpo_cpu.json / .md / .png go here")
     ap.add_argument("--runs-dir", default="out/bench/rsm_grpo", help="per-run eval grids and GIFs (not committed)")
+    ap.add_argument("--from-json", nargs="+", metavar="PATH",
+                    help="only summarise finished runs (e.g. one file per seed run as separate processes) into --out")
     a = ap.parse_args(argv)
+    if a.from_json:
+        saved = [json.loads(Path(p).read_text()) for p in a.from_json]
+        runs = [r for d in saved for r in d["runs"]]
+        methods = list(dict.fromkeys(r["method"] for r in runs))
+        return write_results(Path(a.out), {"args": [d["args"] for d in saved], "runs": runs}, methods)
     torch.set_num_threads(1)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,9 +161,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{res['gain_sem']:.4f}); sampler NFE {counters[m].counts['sampler']}, "
                   f"{rows[m]['seconds']:.0f} s", flush=True)
         (out / "grpo_cpu.json").write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1))
-    summary = summarise(runs, a.methods)
+    return write_results(out, {"args": vars(a), "runs": runs}, a.methods)
+
+
+def write_results(out: Path, result: dict[str, Any], methods: list[str]) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grpo_cpu.json").write_text(json.dumps(result, indent=1))
+    summary = summarise(result["runs"], methods)
     (out / "grpo_cpu.md").write_text(summary + "\n")
-    plot(runs, a.methods, out / "grpo_cpu.png")
+    plot(result["runs"], methods, out / "grpo_cpu.png")
     print(summary)
     print(f"wrote {out}/grpo_cpu.json, grpo_cpu.md, grpo_cpu.png")
     return 0

@@ -1,0 +1,48 @@
+"""The RSM benches' summaries: the estimator study's claim checks and the CPU-world tables (hand-made rows)."""
+
+from __future__ import annotations
+
+import math
+
+from trl_video.bench_discovery import import_benchmark
+
+
+def row(t, est, depth, width, centre, rmse, nfe, loc=False):
+    return {"t": t, "estimator": est, "depth": depth, "width": width, "centre": centre, "localise": loc,
+            "rmse": rmse, "nfe": nfe}
+
+
+def test_estimator_claims_count_cells():
+    claims = import_benchmark("rsm", "estimators").claims
+    rows = [row(0.5, "zo-look", 1, 2, True, 1.0, 3), row(0.5, "zo-look", 1, 2, False, 2.0, 3),
+            row(0.5, "zo-look", "full", 2, True, 0.9, 9), row(0.5, "zo-look", "full", 2, False, 0.8, 9),
+            row(0.5, "zo-look", 1, 8, True, 0.5, 9), row(0.5, "zo-look", 1, 8, False, 0.6, 9),
+            row(0.5, "zo-look", "full", 8, True, 0.7, 33), row(0.5, "zo-look", "full", 8, False, 0.9, 33)]
+    text = claims(rows)
+    assert "centring lowers RMSE in 3 of 4" in text  # full rollout, B=2: 0.9 vs 0.8 uncentred
+    assert "zo-look k=1 vs full rollout at equal samples (same B): k=1 lower in 1 of 2 cells (not at t=0.50 B=2)" \
+        in text
+    # equal compute: k=1 B=2 (3 NFE, 1.0) meets full B=2 (9 NFE, 0.9): higher; k=1 B=8 (9 NFE, 0.5) meets it too: lower
+    assert "at equal compute (full rollout with at least the NFE): k=1 lower in 1 of 2 cells (not at t=0.50 B=2)" \
+        in text
+
+
+def run(method, seed, rewards, nfe, secs, gain):
+    curve = [{"step": 4 * k, "heldout_reward": r, "sampler_nfe": n, "seconds": s}
+             for k, (r, n, s) in enumerate(zip(rewards, nfe, secs))]
+    return {"method": method, "seed": seed, "curve": curve, "seconds": secs[-1], "sampler_nfe": nfe[-1],
+            "loss_nfe": 0, "final": {"reward_before": 0.4, "reward_after": 0.4 + gain, "gain": gain, "gain_sem": 0.01}}
+
+
+def test_grpo_summary_gain_sem_and_compute_to_reach():
+    g = import_benchmark("rsm", "grpo_cpu")
+    runs = [run("tempflow-grpo", 0, [0.3, 0.35, 0.40], [0, 100, 200], [0, 10, 20], 0.05),
+            run("tempflow-grpo", 1, [0.3, 0.32, 0.36], [0, 100, 200], [0, 10, 20], 0.03),
+            run("rsm-zo", 0, [0.3, 0.41, 0.42], [0, 50, 100], [0, 8, 16], 0.10),
+            run("rsm-zo", 1, [0.3, 0.31, 0.33], [0, 50, 100], [0, 8, 16], 0.00)]
+    assert g.mean_sem([0.05, 0.03]) == (0.04, math.sqrt(2e-4) / math.sqrt(2))
+    text = g.summarise(runs, ["tempflow-grpo", "rsm-zo"])
+    assert "**+0.0400 +- 0.0100**" in text and "**+0.0500 +- 0.0500**" in text
+    # seed 0: rsm-zo reaches 0.40 at its first eval (50 NFE, 8 s: 0.25x, 0.40x); seed 1 never reaches 0.36
+    assert "| `rsm-zo` | 1 of 2 | 50 (50-50) | 0.25 (0.25-0.25) | 8 (8-8) | 0.40 (0.40-0.40) |" in text
+    assert "| `tempflow-grpo` | 2 of 2 | 200 (200-200) | 1.00 (1.00-1.00) |" in text
