@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                          "within_group_std": var**0.5, "within_group_var": var, "mean_reward": float(r.mean())})
             print(f"{sde_type:<10} {label:<32} within-group reward std {var**0.5:.3f}  mean {float(r.mean()):.3f}",
                   flush=True)
-    lines = ["| SDE | members differ by | within-group reward std | share of the 'both' variance | mean reward |",
+    lines = ["| SDE | members differ by | within-group reward std | variance / the 'both' variance | mean reward |",
              "|---|---|---|---|---|"]
     for r in rows:
         both = next(x for x in rows if x["sde_type"] == r["sde_type"] and x["spread"].startswith("both"))
