@@ -32,10 +32,10 @@ import torch
 
 from trl_video.models.schedule import NoiseSchedule
 
-torch.set_default_dtype(torch.float64)
-MEANS = torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
-WEIGHTS = torch.tensor([0.5, 0.3, 0.2])
-REWARD = torch.tensor([1.0, 0.5])
+F64 = torch.float64  # the study runs in double precision (main sets it as the default while it runs)
+MEANS = torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 3.0]], dtype=F64)
+WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
+REWARD = torch.tensor([1.0, 0.5], dtype=F64)
 BETA = 1.0
 SCH = NoiseSchedule("flow")
 
@@ -142,6 +142,17 @@ def rmse(g: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the study with float64 as torch's default dtype and restores the caller's (importing this module, e.g.
+    from a test, changes nothing global)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(F64)
+    try:
+        return run(argv)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def run(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10, help="sampling steps of the grid")
     ap.add_argument("--states", type=int, default=256, help="states x_t per timestep")

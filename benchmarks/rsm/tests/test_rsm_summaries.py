@@ -46,3 +46,10 @@ def test_grpo_summary_gain_sem_and_compute_to_reach():
     # seed 0: rsm-zo reaches 0.40 at its first eval (50 NFE, 8 s: 0.25x, 0.40x); seed 1 never reaches 0.36
     assert "| `rsm-zo` | 1 of 2 | 50 (50-50) | 0.25 (0.25-0.25) | 8 (8-8) | 0.40 (0.40-0.40) |" in text
     assert "| `tempflow-grpo` | 2 of 2 | 200 (200-200) | 1.00 (1.00-1.00) |" in text
+
+
+def test_importing_the_estimator_study_leaves_torch_defaults_alone():
+    import torch
+
+    import_benchmark("rsm", "estimators")
+    assert torch.get_default_dtype() == torch.float32
