@@ -41,6 +41,8 @@ class Recording:
 
 
 def main(outdir: str) -> None:
+    from trainer_probes import record_losses  # tests/, the folder this script runs from
+
     from trl_video.components.estimators import GroupAdvantage
     from trl_video.config import VideoRewardConfig
     from trl_video.rollouts import Rollouts
@@ -101,15 +103,7 @@ def main(outdir: str) -> None:
     # ---- logged metrics: 2 micro-batches per rank; record every loss value each rank computes
     cfg3 = VideoRewardConfig(**{**cfg.to_dict(), "gradient_accumulation_steps": 2, "output_dir": str(out / "run_acc")})
     trainer3 = VideoRewardTrainer(cfg3, policy=trainer.policy)
-    losses: list[float] = []
-    compute = trainer3.loss.compute
-
-    def recording_compute(ctx, phase, batch):
-        loss, met = compute(ctx, phase, batch)
-        losses.append(float(loss.detach()))
-        return loss, met
-
-    trainer3.loss.compute = recording_compute
+    losses = record_losses(trainer3)
     rewards: list[float] = []
     score = trainer3.ctx.score
 

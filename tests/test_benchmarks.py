@@ -22,7 +22,7 @@ def registry() -> Registry:
 
 def test_no_experiment_drivers_in_the_installable_packages() -> None:
     for pattern in ("plugins/*/vidrl_plugin_*/experiments.py", "plugins/*/vidrl_plugin_*/toy.py",
-                    "plugins/*/vidrl_plugin_*/bench.py", "trl_video/pretrain.py", "plugins/*/results",
+                    "plugins/*/vidrl_plugin_*/bench.py", "plugins/*/vidrl_plugin_*/commands.py", "trl_video/pretrain.py", "plugins/*/results",
                     "plugins/*/run_experiments.sh"):
         assert not glob.glob(str(ROOT / pattern)), pattern
 
@@ -31,7 +31,8 @@ def test_checkout_benchmarks_are_namespaced_with_the_former_names_as_aliases() -
     reg = registry()
     names = set(reg.names("bench"))
     assert {"assets.pretrain", "velr.compare", "velr.pretrain", "velr.memory", "fcrm.settings", "fcrm.lightness",
-            "dmalign.experiments", "overhead"} <= names
+            "dmalign.experiments", "overhead", "reward_forcing.build-ode", "reward_forcing.stream"} <= names
+    assert reg.get("bench", "reward_forcing.build-ode").distribution == "benchmarks/reward_forcing"
     assert reg.get("bench", "velr-compare").name == "velr.compare"  # as the READMEs and recipes used to say
     assert reg.get("bench", "fcrm").name == "fcrm.settings"
     assert reg.get("bench", "dmalign").name == "dmalign.experiments"
@@ -78,3 +79,19 @@ def test_a_wheel_install_says_where_the_benchmarks_are(monkeypatch, capsys) -> N
     assert cmd_bench(argparse.Namespace(name=None), []) == 0
     out = capsys.readouterr().out
     assert "overhead" in out and "run them from a checkout" in out and bench_discovery.BENCHMARKS_ENV in out
+
+
+def test_a_benchmark_declares_what_it_builds_and_a_dry_run_names_it(tmp_path, monkeypatch) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "bench.py").write_text("def main(argv):\n    return 0\n\nBENCHMARKS = {'run': main}\n"
+                                             "BUILDS = {'out/m/data': 'trl-video bench m.run --big'}\n")
+    monkeypatch.setenv(bench_discovery.BENCHMARKS_ENV, str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert bench_discovery.build_command("out/m/data") == "trl-video bench m.run --big"
+    assert bench_discovery.build_command(str(tmp_path / "out/m/data")) == "trl-video bench m.run --big"
+    assert bench_discovery.build_command("out/m/other") is None
+    assert bench_discovery.missing_path_hint("out/m/data") == "; build it with: trl-video bench m.run --big"
+    (tmp_path / "m" / "bench.py").write_text("BENCHMARKS = {}\nBUILDS = {'out/m/data': 3}\n")
+    with pytest.raises(ValueError, match="BUILDS entries"):
+        bench_discovery.declared_builds(tmp_path / "m" / "bench.py")
+    assert bench_discovery.build_command("out/m/data") is None  # an unreadable table is skipped, not fatal

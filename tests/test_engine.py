@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 from torch import nn
+from trainer_probes import record_losses
 
 from trl_video import hookimpl
 from trl_video.components.base import Phase, Trainable
@@ -325,15 +326,7 @@ def test_prompt_embeds_of_another_model_are_refused(tmp_path):
 # ------------------------------------------------------------------------------------------------ metrics
 def test_step_metrics_are_means_over_micro_batches(tmp_path):
     tr = VideoRewardTrainer(small_config(tmp_path, gradient_accumulation_steps=2))
-    seen: list[float] = []
-    compute = tr.loss.compute
-
-    def recording(ctx, phase, batch):
-        loss, met = compute(ctx, phase, batch)
-        seen.append(float(loss.detach()))
-        return loss, met
-
-    tr.loss.compute = recording
+    seen = record_losses(tr)
     m = tr.training_step()
     assert len(seen) == 2 and seen[0] != seen[1]
     assert m["loss/policy"] == pytest.approx(sum(seen) / 2, rel=1e-6)

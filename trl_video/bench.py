@@ -7,10 +7,44 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+# ------------------------------------------------------------------------------------------------ shared
+def timed_comparison_parser(prog: str, description: str, *, steps: int, warmup: int) -> argparse.ArgumentParser:
+    """The options every two-sided timing bench takes: --model, --num-steps, --steps, --warmup, --json."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--model", default="tiny-wan")
+    ap.add_argument("--num-steps", type=int, default=8, help="sampling steps")
+    ap.add_argument("--steps", type=int, default=steps, help="timed steps per side")
+    ap.add_argument("--warmup", type=int, default=warmup, help="untimed steps per side first")
+    ap.add_argument("--json", help="also write the results here")
+    return ap
+
+
+def interleaved_timings(sides: dict[str, Callable[[], float]], steps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of ``steps`` runs of each side (each callable times itself), after ``warmup`` untimed ones. Round
+    ``i`` runs the sides back to back, in reverse order every other round, so machine-load drift hits them alike
+    and ``times[a][i] / times[b][i]`` is a ratio under one load."""
+    for _ in range(warmup):
+        for run in sides.values():
+            run()
+    names = list(sides)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(steps):
+        for n in names if i % 2 == 0 else names[::-1]:
+            times[n].append(sides[n]())
+    return times
+
+
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    """First and third quartile (the interquartile range a bench prints as its spread)."""
+    q = statistics.quantiles(xs, n=4)
+    return q[0], q[2]
 
 
 def _manual_refl_step(policy, opt, reward, prompts, gen, num_steps: int, grad_steps: int, max_norm: float) -> float:
@@ -34,15 +68,10 @@ def _manual_refl_step(policy, opt, reward, prompts, gen, num_steps: int, grad_st
 
 
 def bench_overhead(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="trl-video bench overhead",
-                                 description="Trainer step vs a hand-written PyTorch ReFL step (same work).")
-    ap.add_argument("--model", default="tiny-wan")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per side")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap = timed_comparison_parser("trl-video bench overhead", "Trainer step vs a hand-written PyTorch ReFL step "
+                                 "(same work).", steps=20, warmup=3)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--num-steps", type=int, default=8, help="sampling steps")
     ap.add_argument("--grad-steps", type=int, default=1)
-    ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
 
     import tempfile
@@ -81,23 +110,10 @@ def bench_overhead(argv: list[str]) -> int:
                           cfg.max_grad_norm)
         return time.perf_counter() - t0
 
-    for _ in range(a.warmup):
-        run_trainer()
-        run_manual()
-    t_tr, t_man = [], []
-    for i in range(a.steps):  # interleaved so machine-load drift hits both sides alike
-        if i % 2:
-            t_tr.append(run_trainer())
-            t_man.append(run_manual())
-        else:
-            t_man.append(run_manual())
-            t_tr.append(run_trainer())
+    times = interleaved_timings({"manual": run_manual, "trainer": run_trainer}, a.steps, a.warmup)
+    t_tr, t_man = times["trainer"], times["manual"]
     med_tr, med_man = statistics.median(t_tr), statistics.median(t_man)
     pair_ratios = [tr / man for tr, man in zip(t_tr, t_man)]  # each pair ran back to back: same load
-
-    def quartiles(xs: list[float]) -> tuple[float, float]:
-        q = statistics.quantiles(xs, n=4)
-        return q[0], q[2]
 
     res = {"model": a.model, "batch": a.batch, "sampling_steps": a.num_steps, "grad_steps": a.grad_steps,
            "timed_steps": a.steps, "trainer_step_s": med_tr, "manual_step_s": med_man, "ratio": med_tr / med_man,

@@ -5,8 +5,11 @@ top-level ``benchmarks/`` tree of the repository. Each ``benchmarks/<method>/ben
 
     BENCHMARKS = {"compare": compare_main, ...}   # name -> function(argv: list[str]) -> int
     BENCHMARK_ALIASES = {"velr-compare": "compare"}  # optional: former names
+    BUILDS = {"out/velr/data": "trl-video bench velr.build-dataset --out out/velr/data"}  # optional, see below
 
-registered as ``<method>.<name>``. The names are read from the file without importing it (so a broken benchmark never slows down or stops
+registered as ``<method>.<name>``. ``BUILDS`` names the command that makes a dataset or model a shipped recipe
+reads (its ``offline_latents``, ``model``, ...): a dry run or training that finds the path missing says which
+command to run (:func:`build_command`). The names are read from the file without importing it (so a broken benchmark never slows down or stops
 ``trl-video train``); the module is imported, as ``trl_video_benchmarks.<method>.bench``, when a benchmark
 runs. The folder is found next to the source tree of an editable / checkout install, or wherever
 ``TRL_VIDEO_BENCHMARKS`` points; a wheel install has none (``trl-video bench`` says where they are).
@@ -95,6 +98,43 @@ def declared_benchmarks(bench_file: Path) -> tuple[dict[str, str], dict[str, str
             raise ValueError("BENCHMARK_ALIASES entries must be \"old name\": \"a BENCHMARKS name\"")
         aliases[str(k.value)] = str(v.value)
     return names, aliases
+
+
+def declared_builds(bench_file: Path) -> dict[str, str]:
+    """The optional ``BUILDS = {"path": "command", ...}`` of a bench.py, read without importing it."""
+    table = _literal_dict(ast.parse(bench_file.read_text(), str(bench_file)), "BUILDS")
+    builds = {}
+    for k, v in zip(table.keys, table.values) if table is not None else ():
+        if not (isinstance(k, ast.Constant) and isinstance(k.value, str) and isinstance(v, ast.Constant)
+                and isinstance(v.value, str)):
+            raise ValueError('BUILDS entries must be "path": "command"')
+        builds[k.value] = v.value
+    return builds
+
+
+def build_command(path: str) -> str | None:
+    """The command that makes ``path`` as a ``benchmarks/<method>/bench.py`` declares it in ``BUILDS`` (paths
+    compared after resolving both against the working directory); None without a declaration or a benchmarks
+    folder (a folder that cannot be read is skipped: it is reported by ``trl-video bench``)."""
+    root = benchmarks_root()
+    if root is None:
+        return None
+    want = Path(path).expanduser().resolve()
+    for bench_file in sorted(root.glob("*/bench.py")):
+        try:
+            builds = declared_builds(bench_file)
+        except (OSError, SyntaxError, ValueError):
+            continue
+        for built, command in builds.items():
+            if Path(built).expanduser().resolve() == want:
+                return command
+    return None
+
+
+def missing_path_hint(path: str) -> str:
+    """``"; build it with: <command>"`` for a missing path some benchmark declares it builds, else ``""``."""
+    command = build_command(path)
+    return f"; build it with: {command}" if command else ""
 
 
 def _lazy(method: str, function: str) -> BenchFn:

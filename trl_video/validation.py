@@ -247,7 +247,9 @@ def check_model_geometry(config: Any) -> None:
 
 
 def check_sources(config: Any) -> None:
-    """Local files named by the recipe exist (no weights, no network)."""
+    """Local files named by the recipe exist (no weights, no network). A missing dataset or model that a checkout
+    benchmark builds (its ``BUILDS``) is reported with the command that builds it."""
+    from .bench_discovery import missing_path_hint
     from .models.presets import PRESETS
 
     for key in ("prompts", "eval_prompts"):
@@ -266,10 +268,11 @@ def check_sources(config: Any) -> None:
             if isinstance(f, str) and not Path(f).exists():
                 raise TrlVideoError(f"prompt_datasets.datasets[{i}].data_files: file not found: {f}")
     if config.offline_latents and not Path(config.offline_latents).expanduser().exists():
-        raise TrlVideoError(f"offline_latents: folder not found: {config.offline_latents}")
+        raise TrlVideoError(f"offline_latents: folder not found: {config.offline_latents}"
+                            f"{missing_path_hint(config.offline_latents)}")
     m = config.model
     if m not in PRESETS and (m.startswith((".", "/")) or m.count("/") != 1) and not Path(m).exists():
-        raise TrlVideoError(f"model: '{m}' is neither a preset, an existing folder, nor a hub id")
+        raise TrlVideoError(f"model: '{m}' is neither a preset, an existing folder, nor a hub id{missing_path_hint(m)}")
 
 
 def validate_config(config: Any, plan: Any, registry: Any, check_model: bool = True) -> dict[str, Any]:

@@ -233,3 +233,6 @@ def lightness_main(argv: list[str]) -> int:
 
 BENCHMARKS = {"settings": bench_fcrm, "build-offline": build_offline_main, "lightness": lightness_main}
 BENCHMARK_ALIASES = {"fcrm": "settings"}
+# the offline-latents datasets of recipes/tiny/fcrm_offline.yaml and fcrm_hybrid.yaml (build-offline writes both)
+BUILDS = {"out/fcrm/world_latents_luminance": "trl-video bench fcrm.build-offline",
+          "out/fcrm/world_latents_alignment": "trl-video bench fcrm.build-offline"}

@@ -159,7 +159,7 @@ def run_ode(a: argparse.Namespace) -> int:
     from trl_video.world import Caption
 
     if not ODE_DATA.exists():
-        raise SystemExit(f"build the training trajectories first: trl-video bench reward-forcing build-ode "
+        raise SystemExit(f"build the training trajectories first: trl-video bench reward_forcing.build-ode "
                          f"--teacher tiny-wan --out {ODE_DATA.relative_to(REPO)} --num 512")
     teacher = load_policy("tiny-wan")
     if not HELDOUT_ODE.exists():

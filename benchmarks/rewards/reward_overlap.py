@@ -9,8 +9,8 @@ interleaved so machine-load drift hits both sides alike; medians and the min-max
 
 from __future__ import annotations
 
-import argparse
 import copy
+import functools
 import json
 import statistics
 import tempfile
@@ -18,6 +18,8 @@ import time
 from typing import Any
 
 from torch import Tensor
+
+from trl_video.bench import interleaved_timings, timed_comparison_parser
 
 
 class DelayedReward:
@@ -36,16 +38,11 @@ class DelayedReward:
 
 
 def bench_reward_overlap(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="trl-video bench rewards.reward-overlap",
-                                 description="Training step with a slow HTTP reward: serial vs overlapped scoring.")
-    ap.add_argument("--model", default="tiny-wan")
+    ap = timed_comparison_parser("trl-video bench rewards.reward-overlap", "Training step with a slow HTTP reward: "
+                                 "serial vs overlapped scoring.", steps=6, warmup=1)
     ap.add_argument("--delay", type=float, default=0.05, help="seconds of reward delay per sample")
     ap.add_argument("--prompts-per-step", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=2)
-    ap.add_argument("--num-steps", type=int, default=8, help="sampling steps")
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per side")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
 
     from vidrl_plugin_rewards.service import BackgroundServer, build_app
@@ -66,7 +63,6 @@ def bench_reward_overlap(argv: list[str]) -> int:
                 max_steps=10**6, output_dir=tempfile.mkdtemp(prefix=f"trl-video-bench-{side}-"), report_to="none",
                 logging_steps=10**6, seed=0))
             trainers[side] = VideoRewardTrainer(cfg, policy=copy.deepcopy(base))
-        times: dict[str, list[float]] = {"serial": [], "overlapped": []}
 
         def step(side: str) -> float:
             tr = trainers[side]
@@ -75,13 +71,7 @@ def bench_reward_overlap(argv: list[str]) -> int:
             tr.global_step += 1
             return time.perf_counter() - t0
 
-        for _ in range(a.warmup):
-            step("serial")
-            step("overlapped")
-        for i in range(a.steps):
-            order = ("serial", "overlapped") if i % 2 == 0 else ("overlapped", "serial")
-            for side in order:
-                times[side].append(step(side))
+        times = interleaved_timings({side: functools.partial(step, side) for side in trainers}, a.steps, a.warmup)
     finally:
         for tr in trainers.values():
             if tr._score_worker is not None:

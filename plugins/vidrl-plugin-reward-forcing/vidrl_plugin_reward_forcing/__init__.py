@@ -70,10 +70,3 @@ def trl_video_register_samplers(register):
 @hookimpl
 def trl_video_register_losses(register):
     register("reward-forcing", RewardForcingLoss)
-
-
-@hookimpl
-def trl_video_register_benchmarks(register):
-    from .commands import main
-
-    register("reward-forcing", main)

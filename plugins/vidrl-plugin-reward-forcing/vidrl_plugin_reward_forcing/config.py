@@ -8,10 +8,12 @@ ablations). Values the paper does not state are marked "(ours)".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from trl_video.config import MethodConfig
 from trl_video.config import doc_field as _f
+from trl_video.errors import ConfigError
 
 
 @dataclass
@@ -27,7 +29,8 @@ class RewardForcingConfig(MethodConfig):
     ode_steps: int = _f(0, "Training steps of stage 1 (ODE regression) before stage 2 starts; 0 = reward stage "
                            "only (start from an ODE-initialised causal model), >= max_steps = stage 1 only.", ge=0)
     ode_dataset: str | None = _f(None, "Folder of the teacher ODE-trajectory HF dataset, built once by "
-                                       "`trl-video bench reward-forcing build-ode` (needed when ode_steps > 0).")
+                                       "`trl-video bench reward_forcing.build-ode` from a checkout (needed, and checked by a "
+                                       "dry run, when ode_steps > 0).")
     ode_batch_size: int | None = _f(None, "Trajectories per stage-1 micro-batch (default: the recipe's per-process "
                                           "batch).", ge=1)
 
@@ -52,3 +55,19 @@ class RewardForcingConfig(MethodConfig):
     def validate(self) -> None:
         super().validate()
         self.require(self.dmd_t_min < self.dmd_t_max, "dmd_t_min", f"must be < dmd_t_max={self.dmd_t_max}")
+        if self.ode_steps > 0:  # stage 1 reads the trajectories from its first step: a dry run checks they exist
+            self._check_ode_dataset()
+
+    def _check_ode_dataset(self) -> None:
+        from trl_video.bench_discovery import missing_path_hint
+
+        from .ode import META
+
+        path = self.ode_dataset
+        if path and (Path(path).expanduser() / META).is_file():
+            return
+        hint = (missing_path_hint(path) if path else "") or (
+            f"; build it with: trl-video bench reward_forcing.build-ode --out {path or 'DIR'} (from a checkout)")
+        what = f"'{path}' is not an ODE-trajectory dataset (no {META})" if path else "is not set"
+        raise ConfigError(f"{self.key_prefix}ode_dataset: {what}, needed when ode_steps > 0{hint}",
+                          key=f"{self.key_prefix}ode_dataset")

@@ -92,7 +92,7 @@ class RewardForcingLoss:
         if cfg.ode_steps > 0:
             if not cfg.ode_dataset:
                 raise RewardForcingError("reward-forcing: method_args.ode_steps > 0 needs method_args.ode_dataset "
-                                         "(build it with `trl-video bench reward-forcing build-ode`)")
+                                         "(build it with `trl-video bench reward_forcing.build-ode`)")
             self.ode = ODETrajectories(cfg.ode_dataset, ctx.policy.latent_shape, seed=ctx.config.seed)
         reward_stage = cfg.ode_steps < ctx.config.max_steps
         if reward_stage and cfg.reward_weight > 0 and not getattr(ctx.reward, "differentiable", False):

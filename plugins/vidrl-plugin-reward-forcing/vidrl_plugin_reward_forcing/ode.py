@@ -75,7 +75,7 @@ class ODETrajectories:
         path = Path(path)
         if not (path / META).exists():
             raise RewardForcingError(f"method_args.ode_dataset: '{path}' is not an ODE-trajectory dataset (no {META}); "
-                                     f"build it with `trl-video bench reward-forcing build-ode --out {path}`")
+                                     f"build it with `trl-video bench reward_forcing.build-ode --out {path}`")
         self.meta = json.loads((path / META).read_text())
         if tuple(self.meta["latent_shape"]) != tuple(latent_shape):
             raise RewardForcingError(f"method_args.ode_dataset: '{path}' holds latents of shape "

@@ -1,24 +1,24 @@
-"""``trl-video bench reward-forcing <command>``: the plugin's user commands.
+"""Reward-Forcing's data and demo commands (``benchmarks/reward_forcing``, from a checkout), on the plugin's
+library functions (``vidrl_plugin_reward_forcing.ode.build_ode_dataset``, ``.streaming.stream``):
 
-* ``build-ode``: build the stage-1 teacher ODE-trajectory dataset once.
-* ``stream``: write a video longer than the training length chunk by chunk (GIF frames appended as each chunk is
-  decoded), printing the time to the first chunk and chunks/s.
+* ``trl-video bench reward_forcing.build-ode``: build the stage-1 teacher ODE-trajectory dataset once.
+* ``trl-video bench reward_forcing.stream``: write a video longer than the training length chunk by chunk (GIF
+  frames appended as each chunk is decoded), printing the time to the first chunk and chunks/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from trl_video.errors import TrlVideoError
 
 
 def _load_causal(model: str, chunk_size: int):
-    from trl_video.models.policy import load_policy
+    from vidrl_plugin_reward_forcing import RewardForcingConfig, make_causal
 
-    from . import RewardForcingConfig, make_causal
+    from trl_video.models.policy import load_policy
 
     policy = load_policy(model)
     make_causal(policy, RewardForcingConfig(chunk_size=chunk_size))
@@ -27,12 +27,12 @@ def _load_causal(model: str, chunk_size: int):
 
 
 def cmd_build_ode(argv: list[str]) -> int:
+    from vidrl_plugin_reward_forcing.ode import build_ode_dataset
+
     from trl_video.data import load_prompts
     from trl_video.models.policy import load_policy
 
-    from .ode import build_ode_dataset
-
-    ap = argparse.ArgumentParser(prog="trl-video bench reward-forcing build-ode",
+    ap = argparse.ArgumentParser(prog="trl-video bench reward_forcing.build-ode",
                                  description="Teacher ODE trajectories at the student's K levels -> HF dataset.")
     ap.add_argument("--teacher", default="tiny-wan", help="bidirectional teacher (preset, folder or hub id)")
     ap.add_argument("--out", required=True, help="output folder (HF dataset + ode_meta.json)")
@@ -58,10 +58,9 @@ def cmd_build_ode(argv: list[str]) -> int:
 
 def cmd_stream(argv: list[str]) -> int:
     import imageio.v2 as imageio
+    from vidrl_plugin_reward_forcing.streaming import stream
 
-    from .streaming import stream
-
-    ap = argparse.ArgumentParser(prog="trl-video bench reward-forcing stream",
+    ap = argparse.ArgumentParser(prog="trl-video bench reward_forcing.stream",
                                  description="Stream a long video from the causal generator, chunk by chunk.")
     ap.add_argument("--model", required=True, help="a saved causal model folder (or a Wan teacher + --chunk-size)")
     ap.add_argument("--prompt", default="a red circle moving right on a dark background")
@@ -97,13 +96,3 @@ def cmd_stream(argv: list[str]) -> int:
            "chunks_per_s": round(stats.chunks_per_second, 3), "out": str(out)}
     print(json.dumps(res))
     return 0
-
-
-COMMANDS = {"build-ode": cmd_build_ode, "stream": cmd_stream}
-
-
-def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: trl-video bench reward-forcing {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
-        return 2
-    return COMMANDS[argv[0]](argv[1:])
