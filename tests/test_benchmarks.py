@@ -95,3 +95,20 @@ def test_a_benchmark_declares_what_it_builds_and_a_dry_run_names_it(tmp_path, mo
     with pytest.raises(ValueError, match="BUILDS entries"):
         bench_discovery.declared_builds(tmp_path / "m" / "bench.py")
     assert bench_discovery.build_command("out/m/data") is None  # an unreadable table is skipped, not fatal
+
+
+def test_interleaved_timings_alternate_the_order_after_the_warmup() -> None:
+    from trl_video.bench import interleaved_timings, quartiles
+
+    calls: list[str] = []
+
+    def side(name: str, seconds: float):
+        def run() -> float:
+            calls.append(name)
+            return seconds
+        return run
+
+    times = interleaved_timings({"a": side("a", 1.0), "b": side("b", 2.0)}, steps=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rounds in alternating order
+    assert times == {"a": [1.0, 1.0, 1.0], "b": [2.0, 2.0, 2.0]}  # warm-up runs are not timed
+    assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (1.5, 4.5)
