@@ -332,3 +332,20 @@ def test_step_metrics_are_means_over_micro_batches(tmp_path):
     assert m["loss/policy"] == pytest.approx(sum(seen) / 2, rel=1e-6)
     assert m["samples_per_second"] == pytest.approx(4 / m["seconds"])  # 2 micro-batches of 2 samples
     assert m["peak_memory_mb"] > 50  # peak RSS of the step (a torch process is far above 50 MiB)
+
+
+def test_nfe_and_samples_generated_are_logged_cumulatively(tmp_path):
+    from trl_video.evaluation import sample_videos
+
+    tr = VideoRewardTrainer(small_config(tmp_path))
+    calls: list[int] = []  # an independent count: every transformer call's batch rows
+    tr.policy.transformer.register_forward_pre_hook(
+        lambda mod, args, kw: calls.append(int(kw.get("hidden_states", args[0] if args else None).shape[0])),
+        with_kwargs=True)
+    m1 = tr.training_step()
+    assert m1["nfe_sampler"] == 2 * 2 and m1["samples_generated"] == 2  # 2 samples x 2 ODE steps
+    assert m1["nfe"] == sum(calls) >= m1["nfe_sampler"]
+    sample_videos(tr.policy, ["a red ball"], [0], num_steps=3)  # between steps (an evaluation): not counted
+    m2 = tr.training_step()
+    assert m2["nfe_sampler"] == 8 and m2["samples_generated"] == 4
+    assert m2["nfe"] == sum(calls) - 3 == 2 * m1["nfe"]

@@ -63,6 +63,43 @@ def count_optimizer_steps(loss: Any, groups: list[str], config: VideoRewardConfi
     return total, warm
 
 
+class ForwardCounter:
+    """Network function evaluations (NFE) of one module: every forward call adds its batch rows (a call on B
+    samples is B NFE). Counts only inside :meth:`counting` (the training step, not evaluations run between steps),
+    and separately inside :meth:`sampling` (rollouts). A deep copy of the module made later carries the hook."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.total = 0  # cumulative over the run (restored on resume)
+        self.sampler = 0
+        self._active = self._in_sampler = False
+        module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self._active:
+            return
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        n = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else 1
+        self.total += n
+        if self._in_sampler:
+            self.sampler += n
+
+    @contextlib.contextmanager
+    def counting(self) -> Any:
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+
+    @contextlib.contextmanager
+    def sampling(self) -> Any:
+        prev, self._in_sampler = self._in_sampler, True
+        try:
+            yield
+        finally:
+            self._in_sampler = prev
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak-memory window: CUDA's max-allocated counter, or the process's peak RSS (Linux
     ``/proc/self/clear_refs``: writing 5 resets VmHWM)."""
@@ -283,6 +320,10 @@ class VideoRewardTrainer:
         self._trackers_started = False
         self._score_worker: Any = None  # score_async: the scoring thread (created on first use)
         self._prefetched: Rollouts | None = None  # score_async: the next batch, sampled while this one was scored
+        # compute accounting, logged cumulatively (``nfe``, ``nfe_sampler``, ``samples_generated``): the policy
+        # transformer's forwards during training steps, whatever the method
+        self.nfe = ForwardCounter(self.policy.transformer)
+        self.samples_generated = 0
 
     # ------------------------------------------------------------------ helpers
     def group_module(self, name: str) -> nn.Module:
@@ -391,9 +432,13 @@ class VideoRewardTrainer:
         gids = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.group_size)
         n, rank = cfg.per_process_batch, self.accelerator.process_index
         prompts, gids = prompts[rank * n:(rank + 1) * n], gids[rank * n:(rank + 1) * n].to(ctx.device)
+        with self.nfe.sampling():
+            return self._sample_prompts(prompts, gids, sample_grad)
+
+    def _sample_prompts(self, prompts: list[str], gids: torch.Tensor, sample_grad: bool) -> Rollouts:
         embeds, _ = self.policy.encode_prompts(prompts)
         with torch.set_grad_enabled(sample_grad):
-            fresh = self.sampler.sample(ctx, prompts, embeds, gids)
+            fresh = self.sampler.sample(self.ctx, prompts, embeds, gids)
         fresh.prompts = list(prompts)
         return fresh
 
@@ -439,6 +484,7 @@ class VideoRewardTrainer:
             fresh = self._fresh_rollouts(prefetch_next=not last)
             assert fresh.rewards is not None
             stats["reward"].append(fresh.rewards.detach())
+            self.samples_generated += len(fresh.rewards)
             self.replay.update(self.ctx, fresh)
         batch = self.replay.sample(self.ctx, fresh)
         if fresh is None and batch.rewards is not None:
@@ -462,32 +508,33 @@ class VideoRewardTrainer:
         skipped: dict[str, int] = {}
         phases: list[Phase] = self.loss.phases(self.global_step)
         accum = cfg.gradient_accumulation_steps
-        for phase in phases:
-            unknown = [g for g in phase.groups if g not in self.groups]
-            if unknown:
-                raise TrlVideoError(f"loss phase '{phase.name}' steps unknown groups {unknown}; "
-                                    f"trainable groups: {list(self.groups)}")
-            for _ in range(phase.repeats):
-                for m in range(accum):
-                    with self.autocast():
-                        batch = self._batch(cache, m, stats, phase.uses_graph) if phase.needs_rollouts else None
-                        loss, met = self.loss.compute(ctx, phase, batch)
-                    if not torch.isfinite(loss):
-                        raise TrlVideoError(f"loss phase '{phase.name}' is not finite ({float(loss)}) at step "
-                                            f"{self.global_step}")
-                    if loss.requires_grad:
-                        self._backward(loss / accum)
-                    values.setdefault(f"loss/{phase.name}", []).append(float(loss.detach()))
-                    for k, v in met.items():
-                        values.setdefault(f"{phase.name}/{k}", []).append(float(v))
-                for g in phase.groups:
-                    norm, was_skipped = self._sync_and_step(g)
-                    if was_skipped:
-                        skipped[g] = skipped.get(g, 0) + 1
-                    else:
-                        values.setdefault(f"grad_norm/{g}", []).append(norm)
-                if self.scaler is not None and phase.groups:
-                    self.scaler.update()  # once per backward, after every optimiser it fed has stepped
+        with self.nfe.counting():
+            for phase in phases:
+                unknown = [g for g in phase.groups if g not in self.groups]
+                if unknown:
+                    raise TrlVideoError(f"loss phase '{phase.name}' steps unknown groups {unknown}; "
+                                        f"trainable groups: {list(self.groups)}")
+                for _ in range(phase.repeats):
+                    for m in range(accum):
+                        with self.autocast():
+                            batch = self._batch(cache, m, stats, phase.uses_graph) if phase.needs_rollouts else None
+                            loss, met = self.loss.compute(ctx, phase, batch)
+                        if not torch.isfinite(loss):
+                            raise TrlVideoError(f"loss phase '{phase.name}' is not finite ({float(loss)}) at step "
+                                                f"{self.global_step}")
+                        if loss.requires_grad:
+                            self._backward(loss / accum)
+                        values.setdefault(f"loss/{phase.name}", []).append(float(loss.detach()))
+                        for k, v in met.items():
+                            values.setdefault(f"{phase.name}/{k}", []).append(float(v))
+                    for g in phase.groups:
+                        norm, was_skipped = self._sync_and_step(g)
+                        if was_skipped:
+                            skipped[g] = skipped.get(g, 0) + 1
+                        else:
+                            values.setdefault(f"grad_norm/{g}", []).append(norm)
+                    if self.scaler is not None and phase.groups:
+                        self.scaler.update()  # once per backward, after every optimiser it fed has stepped
         seconds = time.perf_counter() - t0
         metrics = self._reduce_metrics(values, stats, seconds)
         for g, n in skipped.items():
@@ -510,12 +557,14 @@ class VideoRewardTrainer:
         rewards = torch.cat(stats["reward"]).float() if stats["reward"] else None
         n_samples = 0 if rewards is None else len(rewards)
         peak = peak_memory_mb(self.accelerator.device)
-        row = torch.tensor([*local, float(n_samples), seconds, peak], dtype=torch.float64)
+        counts = [float(self.nfe.total), float(self.nfe.sampler), float(self.samples_generated)]
+        row = torch.tensor([*local, float(n_samples), *counts, seconds, peak], dtype=torch.float64)
         if self.accelerator.num_processes > 1:
             rows = self.accelerator.gather(row.to(self.accelerator.device).unsqueeze(0)).cpu()
             if rewards is not None:
                 rewards = self.ctx.gather(rewards)
             means, total_samples = rows[:, :len(keys)].mean(0), float(rows[:, len(keys)].sum())
+            counts = rows[:, len(keys) + 1:len(keys) + 4].sum(0).tolist()  # cumulative per rank -> whole run
             seconds, peak = float(rows[:, -2].max()), float(rows[:, -1].max())
         else:
             means, total_samples = row[:len(keys)], float(n_samples)
@@ -526,6 +575,7 @@ class VideoRewardTrainer:
             metrics["samples_per_second"] = total_samples / seconds
         metrics["seconds"] = seconds
         metrics["peak_memory_mb"] = peak
+        metrics["nfe"], metrics["nfe_sampler"], metrics["samples_generated"] = counts
         return metrics
 
     # ------------------------------------------------------------------ loop
@@ -679,7 +729,9 @@ class VideoRewardTrainer:
                 self.policy.pipeline().__class__.save_lora_weights(tmp, transformer_lora_layers=lora,
                                                                    safe_serialization=True)
             (tmp / "trainer_state.json").write_text(json.dumps(
-                {"global_step": self.global_step, **self.written_recipe(), "data": self._data_fingerprint()},
+                {"global_step": self.global_step, **self.written_recipe(), "data": self._data_fingerprint(),
+                 "counts": {"nfe": self.nfe.total, "nfe_sampler": self.nfe.sampler,
+                            "samples_generated": self.samples_generated}},
                 indent=2, default=str))
             from .checkpointing import write_manifest
 
@@ -810,6 +862,9 @@ class VideoRewardTrainer:
         py = json.loads(rng["python"])
         random.setstate((py[0], tuple(py[1]), py[2]))
         self.global_step = int(state["global_step"])
+        counts = state.get("counts", {})
+        self.nfe.total, self.nfe.sampler = int(counts.get("nfe", 0)), int(counts.get("nfe_sampler", 0))
+        self.samples_generated = int(counts.get("samples_generated", 0))
 
     def _apply_recipe_over_restored_state(self) -> None:
         """After a checkpoint's optimiser/scheduler/EMA states are loaded, put this recipe's hyperparameters back:
