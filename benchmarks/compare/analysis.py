@@ -1,0 +1,127 @@
+"""Arithmetic of ``bench compare``: crossing points of a reward curve, paired ratios to the baseline, their spread.
+
+Kept free of torch and of the trainer so that ``tests/test_analysis.py`` checks it on hand-built logs.
+
+Interpolation rule (time / NFE / samples / steps to a target): a run's held-out reward is measured at eval points
+(x_0, y_0), (x_1, y_1), ... with x cumulative (seconds, NFE, samples or steps at that eval). The run reaches the
+target at the first crossing of the piecewise-linear curve through those points:
+
+* ``y_0 >= target``: at x_0 (already there before training);
+* else the first k with ``y_k >= target``: ``x = x_{k-1} + (target - y_{k-1}) / (y_k - y_{k-1}) * (x_k - x_{k-1})``;
+* no such k: never reached (``None``), never replaced by the run's length.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+#: the x axes a time-to-target is computed on (keys of an eval point)
+AXES = ("seconds", "nfe_sampler", "nfe", "samples_generated", "step")
+
+
+def crossing(xs: Sequence[float], ys: Sequence[float], target: float) -> float | None:
+    """First x where the piecewise-linear curve through (xs, ys) reaches ``target`` (module docstring's rule)."""
+    if len(xs) != len(ys):
+        raise ValueError(f"crossing: {len(xs)} x values but {len(ys)} y values")
+    for k, (x, y) in enumerate(zip(xs, ys)):
+        if y >= target:
+            if k == 0:
+                return float(x)
+            x0, y0 = xs[k - 1], ys[k - 1]
+            return float(x0 + (target - y0) / (y - y0) * (x - x0))  # y0 < target <= y, so y > y0
+    return None
+
+
+def mean_sd(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (n - 1) over seeds; sd is None for a single value."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else None, "n": len(vals)}
+
+
+def paired_ratios(method: dict[int, float | None], baseline: dict[int, float | None]) -> dict[str, Any]:
+    """Per-seed ratios method / baseline over the seeds both have a finite, non-zero-denominator value for (a seed
+    where either never reached the target is left out and counted), with their mean and sd across seeds."""
+    ratios = {s: float(method[s]) / float(b) for s, b in baseline.items()  # type: ignore[arg-type]
+              if s in method and method[s] is not None and b is not None and b != 0 and math.isfinite(float(b))}
+    missing = sorted(s for s in set(method) | set(baseline) if s not in ratios)
+    return {**mean_sd(list(ratios.values())), "per_seed": ratios, "seeds_left_out": missing}
+
+
+def to_target(run: dict[str, Any], target: float) -> dict[str, float | None]:
+    """A run's x at which its held-out reward first reaches ``target``, on every axis of :data:`AXES`."""
+    evals = run["evals"]
+    ys = [e["reward"] for e in evals]
+    return {ax: crossing([e[ax] for e in evals], ys, target) for ax in AXES}
+
+
+def summarise(runs: list[dict[str, Any]], baseline: str, target: float) -> dict[str, Any]:
+    """Per-method table: final gain, x to target on each axis, peak memory, distance, diversity; each with its
+    spread over seeds and its paired per-seed ratio to ``baseline``."""
+    ok = [r for r in runs if not r.get("error")]
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+
+    def per_seed(m: str, fn: Any) -> dict[int, float | None]:
+        return {r["seed"]: fn(r) for r in ok if r["method"] == m}
+
+    def last(key: str) -> Any:
+        return lambda r: r["evals"][-1].get(key)
+
+    quantities = {
+        "final_gain": lambda r: r["evals"][-1]["reward"] - r["evals"][0]["reward"],
+        "final_reward": last("reward"),
+        **{f"{ax}_to_target": (lambda r, ax=ax: to_target(r, target)[ax]) for ax in AXES},
+        "peak_train_memory_mb": lambda r: r["peak_train_memory_mb"],
+        "wall_seconds": last("seconds"),
+        "nfe_sampler_total": last("nfe_sampler"),
+        "nfe_total": last("nfe"),
+        "samples_generated": last("samples_generated"),
+        "frechet_distance": last("frechet_distance"),
+        "diversity": last("diversity"),
+    }
+    table: dict[str, Any] = {}
+    for m in methods:
+        row: dict[str, Any] = {"seeds": sorted(r["seed"] for r in ok if r["method"] == m),
+                               "errors": {r["seed"]: r["error"] for r in runs if r["method"] == m and r.get("error")}}
+        for q, fn in quantities.items():
+            vals = per_seed(m, fn)
+            finite = [v for v in vals.values() if v is not None]
+            row[q] = {**mean_sd(finite), "reached": len(finite), "of": len(vals)}
+            if m != baseline and baseline in methods:
+                row[q]["ratio_to_baseline"] = paired_ratios(vals, per_seed(baseline, fn))
+        table[m] = row
+    return {"baseline": baseline, "target": target, "methods": table}
+
+
+def _fmt(cell: dict[str, Any], digits: int = 3, ratio: bool = True) -> str:
+    if cell["mean"] is None:
+        return "never" if cell.get("of") else "-"
+    s = f"{cell['mean']:.{digits}g}" + (f" ± {cell['sd']:.2g}" if cell["sd"] is not None else "")
+    if cell["reached"] < cell["of"]:
+        s += f" ({cell['reached']}/{cell['of']} reached)"
+    r = cell.get("ratio_to_baseline")
+    if ratio and r is not None:
+        s += " | " + (f"{r['mean']:.2f}x" + (f" ± {r['sd']:.2f}" if r["sd"] is not None else "") if r["mean"] is not None
+                      else "n/a")
+    return s
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The table: each cell is mean ± sd over seeds, then | the per-seed ratio to the baseline, mean ± sd."""
+    cols = [("final_gain", "held-out gain"), ("seconds_to_target", "s to target"),
+            ("nfe_sampler_to_target", "sampler NFE to target"), ("nfe_to_target", "all NFE to target"),
+            ("samples_generated_to_target", "samples to target"), ("step_to_target", "steps to target"),
+            ("peak_train_memory_mb", "peak train MiB"), ("frechet_distance", "Frechet dist."),
+            ("diversity", "diversity"), ("wall_seconds", "train s"), ("nfe_sampler_total", "sampler NFE")]
+    lines = [f"Target: held-out reward >= {summary['target']:.4f} (chosen before the runs). Cells: mean ± sd over "
+             f"training seeds | paired ratio to `{summary['baseline']}` (mean ± sd over seeds).", "",
+             "| method | seeds | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for m, row in summary["methods"].items():
+        cells = [_fmt(row[k]) for k, _ in cols]
+        err = f" (failed: {'; '.join(f's{s}: {e}' for s, e in row['errors'].items())})" if row["errors"] else ""
+        lines.append(f"| `{m}`{err} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

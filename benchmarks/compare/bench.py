@@ -1,0 +1,268 @@
+"""``trl-video bench compare.compare``: every method on one task, side by side, several training seeds each.
+
+Runs the recipes (default ``recipes/compare/*.yaml``: same base model, prompts, reward, an equal budget of
+optimiser steps x fresh rollouts) one process per (method, seed), seeds outermost so the machine's load drifts over
+every method alike. Each run trains with ``VideoRewardTrainer`` and, every ``--eval-every`` steps (and at step 0),
+scores the policy on the same held-out (prompt, seed) pairs with the deterministic ODE sampler and the pixel
+reward (``--reward``, default alignment: VELR, trained on its latent reward model, is scored with it too), plus
+the reward-hacking monitor's Frechet distance to the world's reference clips and its diversity. From the run's
+``metrics.jsonl`` (the trainer's cumulative ``nfe``, ``nfe_sampler``, ``samples_generated``, each step's
+``seconds`` and ``peak_memory_mb``) every eval point gets its wall-clock (training steps only; evaluations
+excluded), NFE and samples. Peak training memory is the max of ``peak_memory_mb`` over every step, every loss
+phase included (on CPU: the process's peak RSS, so every resident auxiliary model and optimiser state counts).
+
+The target (held-out reward = the base model's + ``--target-gain``) is fixed and printed before any run; time /
+NFE / samples / steps to it follow ``analysis.py``'s interpolation rule. Output under ``--out``: ``compare.json``,
+``compare.md`` (ratios to ``--baseline`` paired by seed, spread over seeds), ``reward_vs_seconds.png``,
+``reward_vs_nfe.png`` (seed bands = min..max over seeds), ``reward_vs_distance.png``, and each run's folder.
+
+    OMP_NUM_THREADS=1 trl-video bench compare.compare --seeds 0 1 2         # the default comparison (about an hour+)
+    OMP_NUM_THREADS=1 trl-video bench compare.compare --quick               # smoke run: 3 methods, 1 seed, 4 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import analysis
+
+QUICK_METHODS = ("flow_grpo", "refl", "nft")  # recipe stems
+
+
+def _recipe_samples_per_step(rec: dict[str, Any]) -> int:
+    return int(rec.get("prompts_per_step", 1)) * int(rec.get("group_size", 1)) * int(
+        rec.get("gradient_accumulation_steps", 1))
+
+
+# ------------------------------------------------------------------------------------------------ one run
+def worker_main(argv: list[str]) -> int:
+    """One (recipe, seed) run in this process; writes ``run.json`` into ``--out``."""
+    ap = argparse.ArgumentParser(prog="trl-video bench compare (worker)")
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--eval-every", type=int, required=True)
+    ap.add_argument("--eval-prompts", type=int, required=True)
+    ap.add_argument("--eval-num-steps", type=int, required=True)
+    ap.add_argument("--reward", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    import torch
+    from transformers import TrainerCallback
+
+    from trl_video.config import config_from_dict
+    from trl_video.evaluation import eval_pairs, sample_videos, video_features
+    from trl_video.monitor import diversity, frechet, world_reference
+    from trl_video.plan import build_reward
+    from trl_video.plugins import get_registry
+    from trl_video.trainer import VideoRewardTrainer, peak_memory_mb, reset_peak_memory
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    out = Path(a.out)
+    rec = yaml.safe_load(Path(a.recipe).read_text())
+    rec.update(seed=a.seed, output_dir=str(out / "train"), report_to="none", save_model_at_end=False,
+               eval_at_end=False, logging_steps=1, save_steps=0)
+    if a.steps:
+        rec["max_steps"] = a.steps
+    trainer = VideoRewardTrainer(config_from_dict(rec))
+    reward = build_reward(get_registry(), a.reward, {})
+    prompts, seeds = eval_pairs(rec.get("eval_prompts", "world:heldout"), a.eval_prompts, seed=4321)
+    ref = world_reference(prompts, seeds)
+    ref_feats = video_features(ref) if ref is not None else None
+    evals: list[dict[str, Any]] = []
+    eval_peak = [0.0]
+
+    @torch.no_grad()
+    def held_out(step: int) -> None:
+        reset_peak_memory(trainer.accelerator.device)
+        lat = sample_videos(trainer.policy, prompts, seeds, a.eval_num_steps)
+        pix = torch.cat([trainer.policy.decode(lat[i:i + 16]) for i in range(0, len(lat), 16)])
+        r = reward(pix if getattr(reward, "space", "pixel") == "pixel" else lat, prompts).float()
+        feats = video_features(pix.cpu())
+        point = {"step": step, "reward": float(r.mean()), "reward_sem": float(r.std() / len(r) ** 0.5),
+                 "diversity": diversity(feats),
+                 "frechet_distance": frechet(feats, ref_feats, 50)["frechet_distance"] if ref_feats is not None
+                 else None}
+        eval_peak[0] = max(eval_peak[0], peak_memory_mb(trainer.accelerator.device))
+        evals.append(point)
+        print(f"  step {step:>3}  held-out {a.reward} {point['reward']:.4f}", flush=True)
+
+    class HeldOut(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+            if state.global_step % a.eval_every == 0 or state.global_step == trainer.config.max_steps:
+                held_out(state.global_step)
+            return control
+
+    trainer.add_callback(HeldOut())
+    held_out(0)
+    t0 = time.perf_counter()
+    trainer.train()
+    elapsed = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    by_step, cum = {0: {"seconds": 0.0, "nfe": 0, "nfe_sampler": 0, "samples_generated": 0}}, 0.0
+    for row in rows:
+        cum += row["seconds"]
+        by_step[row["step"]] = {"seconds": cum, **{k: row[k] for k in ("nfe", "nfe_sampler", "samples_generated")}}
+    for e in evals:
+        e.update(by_step[e["step"]])
+    result = {"method": rec["method"], "recipe": a.recipe, "seed": a.seed, "max_steps": trainer.config.max_steps,
+              "evals": evals, "train_rewards": [row.get("reward_mean") for row in rows],
+              "peak_train_memory_mb": max(row["peak_memory_mb"] for row in rows), "peak_eval_memory_mb": eval_peak[0],
+              "process_seconds_incl_evals": elapsed}
+    (out / "run.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _run_one(recipe: Path, seed: int, a: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The worker in a fresh process (its own peak memory, nothing shared with the other rows)."""
+    cmd = [sys.executable, "-c", "import sys; from trl_video.bench_discovery import import_benchmark; "
+           "sys.exit(import_benchmark('compare').worker_main(sys.argv[1:]))",
+           "--recipe", str(recipe), "--seed", str(seed), "--eval-every", str(a.eval_every),
+           "--eval-prompts", str(a.eval_prompts), "--eval-num-steps", str(a.eval_num_steps), "--reward", a.reward,
+           "--out", str(out)]
+    if a.steps:
+        cmd += ["--steps", str(a.steps)]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.txt", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0 or not (out / "run.json").exists():
+        tail = [ln for ln in (out / "log.txt").read_text().splitlines() if ln.strip()][-1:] or ["no output"]
+        return {"method": yaml.safe_load(recipe.read_text())["method"], "seed": seed, "evals": [],
+                "error": f"exit {proc.returncode}: {tail[0][:200]}"}
+    return dict(json.loads((out / "run.json").read_text()))
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ok = [r for r in runs if not r.get("error") and r["evals"]]
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+    written = []
+    for axis, label, name in (("seconds", "training wall-clock (s)", "reward_vs_seconds.png"),
+                              ("nfe_sampler", "sampler NFE (transformer calls x samples)", "reward_vs_nfe.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in methods:
+            rs = [r for r in ok if r["method"] == m]
+            x_max = min(r["evals"][-1][axis] for r in rs)
+            grid = np.linspace(0.0, x_max, 50)
+            ys = np.array([np.interp(grid, [e[axis] for e in r["evals"]], [e["reward"] for e in r["evals"]])
+                           for r in rs])
+            (line,) = ax.plot(grid, ys.mean(0), label=f"{m} ({len(rs)} seeds)")
+            if len(rs) > 1:
+                ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out reward")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for m in methods:
+        pts = [(e["frechet_distance"], e["reward"]) for r in ok if r["method"] == m for e in r["evals"][1:]
+               if e["frechet_distance"] is not None]
+        if pts:
+            ax.scatter(*zip(*pts), label=m, s=14)
+    ax.set_xlabel("Frechet distance to the world's reference clips (lower: closer)")
+    ax.set_ylabel("held-out reward")
+    ax.set_title("reward vs distance (every eval point of every seed)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "reward_vs_distance.png", dpi=110)
+    plt.close(fig)
+    return [*written, "reward_vs_distance.png"]
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def compare_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="trl-video bench compare.compare", description=__doc__.splitlines()[0])
+    ap.add_argument("recipes", nargs="*", help="recipe files (default: recipes/compare/*.yaml)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (each row's seed)")
+    ap.add_argument("--steps", type=int, help="override every recipe's max_steps (keeps the budget equal)")
+    ap.add_argument("--baseline", default="flow-grpo", help="the method (recipe `method`) ratios are taken to")
+    ap.add_argument("--target-gain", type=float, default=0.01,
+                    help="target = base model's held-out reward + this, fixed before the runs")
+    ap.add_argument("--eval-every", type=int, default=4)
+    ap.add_argument("--eval-prompts", type=int, default=16, help="held-out (prompt, seed) pairs, same for all")
+    ap.add_argument("--eval-num-steps", type=int, default=10)
+    ap.add_argument("--reward", default="alignment", help="the pixel reward every method is scored with")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: flow_grpo, refl, nft; 1 seed; 4 steps; eval every 2 on 8 pairs")
+    ap.add_argument("--out", help="default benchmarks/compare/results/{default,quick}")
+    a = ap.parse_args(argv)
+    root = Path(__file__).resolve().parents[2]
+    recipes = [Path(r) for r in a.recipes] or sorted((root / "recipes" / "compare").glob("*.yaml"))
+    if a.quick:
+        recipes = [r for r in recipes if r.stem in QUICK_METHODS] if not a.recipes else recipes
+        a.seeds, a.steps = a.seeds[:1], a.steps or 4
+        a.eval_every, a.eval_prompts = min(a.eval_every, 2), min(a.eval_prompts, 8)
+    missing = [str(r) for r in recipes if not r.is_file()]
+    if missing or not recipes:
+        print(f"error: recipe not found: {', '.join(missing) or 'recipes/compare/*.yaml'}", file=sys.stderr)
+        return 2
+    out = Path(a.out) if a.out else root / "benchmarks" / "compare" / "results" / ("quick" if a.quick else "default")
+    out.mkdir(parents=True, exist_ok=True)
+    recs = {r: yaml.safe_load(r.read_text()) for r in recipes}
+    methods = [rec["method"] for rec in recs.values()]
+    if a.baseline not in methods:
+        print(f"error: --baseline '{a.baseline}' is none of the recipes' methods {methods}", file=sys.stderr)
+        return 2
+    print("Budget (equal optimiser steps x fresh rollouts per step; NFE measured, not equalised):")
+    budgets = {}
+    for r, rec in recs.items():
+        steps = a.steps or int(rec.get("max_steps", 0))
+        budgets[rec["method"]] = (steps, _recipe_samples_per_step(rec))
+        print(f"  {rec['method']:<14} {r.name:<22} {steps} steps x {budgets[rec['method']][1]} rollouts = "
+              f"{steps * budgets[rec['method']][1]} samples")
+    if len(set(budgets.values())) > 1:
+        print("  warning: the recipes' budgets differ", flush=True)
+    print(f"Target: held-out {a.reward} >= base reward (step-0 eval, same base and pairs for every method) "
+          f"+ {a.target_gain}; baseline `{a.baseline}`; seeds {a.seeds}"
+          + ("  [QUICK SMOKE RUN: not evidence for any claim]" if a.quick else ""), flush=True)
+    runs = []
+    for seed in a.seeds:
+        for r, rec in recs.items():
+            t0 = time.perf_counter()
+            run = _run_one(r, seed, a, out / "runs" / f"{rec['method']}-s{seed}")
+            runs.append(run)
+            msg = run.get("error") or (f"held-out {run['evals'][0]['reward']:.4f} -> {run['evals'][-1]['reward']:.4f}, "
+                                       f"sampler NFE {run['evals'][-1]['nfe_sampler']}, "
+                                       f"peak {run['peak_train_memory_mb']:.0f} MiB")
+            print(f"seed {seed} {rec['method']:<14} {time.perf_counter() - t0:6.0f} s  {msg}", flush=True)
+    base_rewards = [r["evals"][0]["reward"] for r in runs if not r.get("error") and r["evals"]]
+    if not base_rewards:
+        print("error: every run failed (see runs/*/log.txt)", file=sys.stderr)
+        return 1
+    base = sum(base_rewards) / len(base_rewards)
+    target = base + a.target_gain
+    summary = analysis.summarise(runs, a.baseline, target)
+    summary.update(args={k: v for k, v in vars(a).items()}, recipes=[str(r) for r in recipes], base_reward=base,
+                   budget={m: {"steps": s, "rollouts_per_step": n} for m, (s, n) in budgets.items()},
+                   smoke_run=bool(a.quick))
+    md = analysis.markdown(summary)
+    if a.quick:
+        md = "**Smoke run (`--quick`): 1 seed, 4 steps — checks the machinery, not evidence for any claim.**\n\n" + md
+    (out / "compare.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1, default=str))
+    (out / "compare.md").write_text(md + "\n")
+    print(md)
+    print("plots: " + ", ".join(str(out / p) for p in plots(runs, out)))
+    return 0
+
+
+BENCHMARKS = {"compare": compare_main}
+# No bare alias: `velr.compare` also registers the bare name `compare`, which the registry then treats as ambiguous;
+# this bench is `trl-video bench compare.compare`.
