@@ -105,8 +105,8 @@ def _fmt(cell: dict[str, Any], digits: int = 3, ratio: bool = True) -> str:
         s += f" ({cell['reached']}/{cell['of']} reached)"
     r = cell.get("ratio_to_baseline")
     if ratio and r is not None:
-        s += " | " + (f"{r['mean']:.2f}x" + (f" ± {r['sd']:.2f}" if r["sd"] is not None else "") if r["mean"] is not None
-                      else "n/a")
+        s += " [" + (f"{r['mean']:.2f}x" + (f" ± {r['sd']:.2f}" if r["sd"] is not None else "") if r["mean"] is not None
+                     else "no ratio") + "]"
     return s
 
 
@@ -118,7 +118,8 @@ def markdown(summary: dict[str, Any]) -> str:
             ("peak_train_memory_mb", "peak train MiB"), ("frechet_distance", "Frechet dist."),
             ("diversity", "diversity"), ("wall_seconds", "train s"), ("nfe_sampler_total", "sampler NFE")]
     lines = [f"Target: held-out reward >= {summary['target']:.4f} (chosen before the runs). Cells: mean ± sd over "
-             f"training seeds | paired ratio to `{summary['baseline']}` (mean ± sd over seeds).", "",
+             f"training seeds [paired per-seed ratio to `{summary['baseline']}`, mean ± sd over seeds; 'no ratio': a side "
+             "never reached the target].", "",
              "| method | seeds | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for m, row in summary["methods"].items():
         cells = [_fmt(row[k]) for k, _ in cols]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -119,6 +120,8 @@ def worker_main(argv: list[str]) -> int:
               "peak_train_memory_mb": max(row["peak_memory_mb"] for row in rows), "peak_eval_memory_mb": eval_peak[0],
               "process_seconds_incl_evals": elapsed}
     (out / "run.json").write_text(json.dumps(result, indent=1))
+    for ck in (out / "train").glob("checkpoint-*"):  # the final checkpoint is not part of the results
+        shutil.rmtree(ck)
     return 0
 
 
