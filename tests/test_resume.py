@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from trl_video.callbacks import StopAfterStep
 from trl_video.config import VideoRewardConfig
 from trl_video.errors import TrlVideoError
 from trl_video.trainer import VideoRewardTrainer, find_checkpoints
@@ -24,17 +25,6 @@ def config(out: Path, **kw) -> VideoRewardConfig:
                 report_to="none", save_model_at_end=False, output_dir=str(out), seed=3)
     base.update(kw)
     return VideoRewardConfig(**base)
-
-
-class StopAt:
-    """Simulates an interruption: stop training after ``step`` steps."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 def trainable(tr: VideoRewardTrainer) -> dict[str, torch.Tensor]:
@@ -63,7 +53,7 @@ def runs(tmp_path_factory):
     assert a.global_step == MAX_STEPS
     # interrupted after 2 steps ...
     b_dir = root / "resumed"
-    b1 = VideoRewardTrainer(config(b_dir), callbacks=[StopAt(2)])
+    b1 = VideoRewardTrainer(config(b_dir), callbacks=[StopAfterStep(2)])
     init = {n: p for n, p in trainable(b1).items()}
     b1.train()
     assert b1.global_step == 2

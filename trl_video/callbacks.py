@@ -27,6 +27,21 @@ class VideoRewardCallback(TrainerCallback):
         return None
 
 
+class StopAfterStep(VideoRewardCallback):
+    """Stop after global step ``step`` without changing ``max_steps`` (the LR schedule keeps its length): a
+    time-boxed job or an emulated preemption. ``--resume`` continues from the newest checkpoint (choose ``step`` a
+    multiple of ``save_steps`` to lose nothing)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> TrainerControl | None:
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
 class VideoCallbackHandler(CallbackHandler):
     """transformers' ``CallbackHandler`` plus ``on_rollout``; events go only to the callbacks that define them."""
 

@@ -14,6 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from trl_video.callbacks import StopAfterStep
+
 MAX_STEPS, STOP = 3, 2
 
 REWARD_MODULE = textwrap.dedent("""
@@ -51,15 +53,6 @@ class Recorder:
     def __call__(self, inputs, prompts):
         self.seen.append(inputs.detach().clone())
         return self.reward(inputs, prompts)
-
-
-class StopAt:
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +94,7 @@ def test_resume_from_checkpoint_with_prefetched_batch_is_bit_identical(straight,
         tr.ctx.reward = rec = Recorder(tr.ctx.reward)
         return tr, rec
 
-    first, rec1 = trainer(tmp_path / "run", callbacks=[StopAt(STOP)])
+    first, rec1 = trainer(tmp_path / "run", callbacks=[StopAfterStep(STOP)])
     first.train()
     assert first.global_step == STOP
     comps = torch.load(tmp_path / "run" / f"checkpoint-{STOP}" / "components.pt", weights_only=True)
