@@ -114,27 +114,31 @@ class NFTLoss(BaseLoss):
         times = training_timesteps(batch.timesteps.float(), cfg.timestep_fraction, cfg.timesteps_per_step,
                                    len(x0), ctx.rand)
         autocast = ctx.accelerator.autocast
+        m = times.shape[1]
+        noisy = [ctx.policy.schedule.add_noise(x0, ctx.randn(*x0.shape), times[:, j]) for j in range(m)]
+        # the no-grad targets first, each network swapped in once for every timestep: the old policy (the EMA's
+        # weights copied into the parameters) and, for the KL, the reference
+        with torch.no_grad():
+            with behaviour_policy(ctx, "ema") as old_net:
+                x0_old = [sampling.predict(ctx.policy, x_t, times[:, j], emb, net=old_net, autocast=autocast)[1]
+                          for j, x_t in enumerate(noisy)]
+            v_ref: list[Tensor] = []
+            if cfg.kl_weight > 0:
+                with behaviour_policy(ctx, "reference") as ref_net:
+                    v_ref = [sampling.predict(ctx.policy, x_t, times[:, j], emb, net=ref_net, autocast=autocast)[0]
+                             for j, x_t in enumerate(noisy)]
         total = torch.zeros((), device=x0.device)
-        sums: dict[str, float] = {"policy_loss": 0.0, "kl": 0.0, "r_mean": float(r[keep].mean()) if keep.any() else 0.0}
-        for j in range(times.shape[1]):
-            t = times[:, j]
-            eps = ctx.randn(*x0.shape)
-            x_t = ctx.policy.schedule.add_noise(x0, eps, t)
-            # the old policy first: swapping its weights in after the trained forward would corrupt that graph
-            with torch.no_grad(), behaviour_policy(ctx, "ema") as old_net:
-                _, x0_old, _ = sampling.predict(ctx.policy, x_t, t, emb, net=old_net, autocast=autocast)
-            v_theta, x0_theta, _ = sampling.predict(ctx.policy, x_t, t, emb, autocast=autocast)
-            per_sample, _ = nft_objective(x0, x0_theta, x0_old, r, cfg.beta, cfg.adaptive_weighting)
+        policy_sum, kl_sum = 0.0, 0.0
+        for j, x_t in enumerate(noisy):
+            v_theta, x0_theta, _ = sampling.predict(ctx.policy, x_t, times[:, j], emb, autocast=autocast)
+            per_sample, _ = nft_objective(x0, x0_theta, x0_old[j], r, cfg.beta, cfg.adaptive_weighting)
             policy_loss = (per_sample * keep).sum() / keep.sum().clamp_min(1) * cfg.adv_clip_max
             loss = policy_loss
-            if cfg.kl_weight > 0:
-                with torch.no_grad(), behaviour_policy(ctx, "reference") as ref_net:
-                    v_ref, _, _ = sampling.predict(ctx.policy, x_t, t, emb, net=ref_net, autocast=autocast)
-                kl = _per_sample_mean((v_theta - v_ref).pow(2)).mean()
+            if v_ref:
+                kl = _per_sample_mean((v_theta - v_ref[j]).pow(2)).mean()
                 loss = loss + cfg.kl_weight * kl
-                sums["kl"] += float(kl.detach())
-            total = total + loss / times.shape[1]
-            sums["policy_loss"] += float(policy_loss.detach())
-        m = times.shape[1]
-        return total, {"policy_loss": sums["policy_loss"] / m, "kl": sums["kl"] / m, "r_mean": sums["r_mean"],
-                       "train_timesteps": float(m)}
+                kl_sum += float(kl.detach())
+            total = total + loss / m
+            policy_sum += float(policy_loss.detach())
+        return total, {"policy_loss": policy_sum / m, "kl": kl_sum / m,
+                       "r_mean": float(r[keep].mean()) if keep.any() else 0.0, "train_timesteps": float(m)}
