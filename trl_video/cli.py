@@ -150,7 +150,7 @@ def _model_dir(path: str) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import eval_pairs, evaluate
+    from .evaluation import eval_pairs, eval_sampling_for_run, evaluate
     from .models.policy import load_policy
     from .plan import build_reward
     from .plugins import get_registry
@@ -170,12 +170,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     reg = get_registry()
     names = args.reward or [meta.get("reward", "alignment")]
     rewards = {n: build_reward(reg, n, {}) for n in names}
+    # sampled as the run's method samples (a causal generator by its self-rollout); the baseline adapted as the
+    # method adapted it before training
+    sampling = eval_sampling_for_run(meta.get("run") or {"method": meta.get("method")}, args.num_steps, reg)
     after, before = load_policy(str(model_dir)), load_policy(baseline)
+    if sampling.prepare is not None:
+        sampling.prepare(before)
     prompts, seeds = eval_pairs(args.prompts, args.num_prompts, args.seed)
     metrics = model_dir.parent / "metrics.jsonl"
     res = evaluate(after, prompts, seeds, rewards, out, policy_before=before, num_steps=args.num_steps,
                    metrics_path=metrics if metrics.exists() else None, main_reward=names[0],
-                   prompts_source=args.prompts, checkpoints_dir=model_dir.parent, base_model=baseline)
+                   prompts_source=args.prompts, checkpoints_dir=model_dir.parent, base_model=baseline,
+                   sampling=sampling)
     print(f"{res['reward']}: before {res['reward_before']:.4f} after {res['reward_after']:.4f} "
           f"gain {res['gain']:.4f} +- {res['gain_sem']:.4f} (n={res['num_prompts']}); results in {out}")
     print(_feature_line(res))

@@ -6,14 +6,20 @@ import functools
 import json
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .errors import TrlVideoError
 from .stats import mean_sem
+
+if TYPE_CHECKING:
+    from .plan import Plan
+    from .plugins import Registry
 
 
 @torch.no_grad()
@@ -31,6 +37,63 @@ def sample_videos(policy: Any, prompts: list[str], seeds: list[int], num_steps: 
     grid = policy.schedule.timesteps(num_steps)
     return sample_batched(policy, prompts, seeds, lambda x, emb, _: ode_sample(
         policy, x, emb, grid, net=transformer, guidance_scale=guidance_scale), batch_size)
+
+
+#: ``(policy, prompts, seeds, transformer) -> latents [N, C, F, H, W]``: how evaluation draws one video per
+#: (prompt, seed) pair, the same video for the same pair whatever the batch; ``transformer`` (or None) replaces
+#: the policy's network (the reference / base weights)
+EvalSampler = Callable[[Any, list[str], list[int], Any], torch.Tensor]
+
+
+@dataclass
+class EvalSampling:
+    """How evaluation samples a run's policy (training's eval, ``trl-video eval``, the checkpoint curve).
+
+    ``sample``: the run's sampler component's ``evaluation_sampler()`` when it has one (a generator that is only
+    valid under its own sampling loop, e.g. Reward-Forcing's causal self-rollout), else the deterministic ODE
+    sampler with ``eval_num_steps``. ``prepare``: adapts a freshly loaded base model as the method did before
+    training (``MethodSpec.prepare_policy``), so that "before" is the model the run started from.
+    """
+
+    name: str
+    sample: EvalSampler
+    prepare: Callable[[Any], None] | None = None
+
+
+def ode_sampling(num_steps: int) -> EvalSampling:
+    """The default: :func:`sample_videos`, ``num_steps`` deterministic ODE steps."""
+    return EvalSampling(f"ode-{num_steps}", lambda policy, prompts, seeds, transformer: sample_videos(
+        policy, prompts, seeds, num_steps, transformer=transformer))
+
+
+def eval_sampling(plan: Plan, sampler: Any, num_steps: int) -> EvalSampling:
+    """The :class:`EvalSampling` of a run: its ``plan`` (method) and its built sampler component."""
+    own = getattr(sampler, "evaluation_sampler", None)
+    custom = own() if callable(own) else None
+    base = ode_sampling(num_steps) if custom is None else EvalSampling(plan.components["sampler"][0], custom)
+    prepare = plan.method.prepare_policy
+    if prepare is not None:
+        method_config = plan.method_config
+        base.prepare = lambda policy: prepare(policy, method_config)
+    return base
+
+
+def eval_sampling_for_run(run: dict[str, Any], num_steps: int, registry: Registry | None = None) -> EvalSampling:
+    """The :class:`EvalSampling` of a recorded run: ``run`` holds its config's ``method``, ``method_args``,
+    ``sampler`` and ``sampler_args`` (a checkpoint's ``trainer_state.json`` config, or the ``run`` entry a saved
+    model's ``trl_video.json`` carries); a model that records no method is sampled with the ODE sampler."""
+    if not run.get("method"):
+        return ode_sampling(num_steps)
+    from .config import VideoRewardConfig
+    from .plan import resolve_plan
+    from .plugins import get_registry
+
+    registry = registry or get_registry()
+    keys = ("method", "method_args", "sampler", "sampler_args")
+    config = VideoRewardConfig.from_dict({k: run[k] for k in keys if run.get(k) is not None}, where="recorded run")
+    plan = resolve_plan(config, registry)
+    name, args = plan.components["sampler"]
+    return eval_sampling(plan, registry.create("sampler", name, **args), num_steps)
 
 
 def to_uint8_frames(videos: torch.Tensor) -> np.ndarray:
@@ -121,22 +184,24 @@ def evaluate(policy_after: Any, prompts: list[str], seeds: list[int], rewards: d
              policy_before: Any = None, transformer_before: Any = None, num_steps: int = 20,
              metrics_path: str | Path | None = None, main_reward: str | None = None,
              prompts_source: str | None = None, checkpoints_dir: str | Path | None = None,
-             base_model: str | None = None) -> dict[str, Any]:
+             base_model: str | None = None, sampling: EvalSampling | None = None) -> dict[str, Any]:
     """Score the same (prompt, seed) pairs before and after; write JSON (``evaluate.save``), GIFs, PNG grid and
     reward curve. The metrics are the package's ``evaluate`` modules (:func:`load_metric`): ``reward_gain`` per
     reward, ``frechet_distance`` and ``diversity`` on :func:`video_features`; plus the reward-hacking monitor
     (:mod:`trl_video.monitor`): held-out rewards, distance to the world's ground truth, diversity, and, given the
-    run's ``checkpoints_dir`` and ``base_model``, reward vs distance per checkpoint."""
+    run's ``checkpoints_dir`` and ``base_model``, reward vs distance per checkpoint. ``sampling``: how both
+    models are sampled (:class:`EvalSampling`; default: ``num_steps`` ODE steps)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     main_reward = main_reward or next(iter(rewards))
-    lat_after = sample_videos(policy_after, prompts, seeds, num_steps)
+    sampling = sampling or ode_sampling(num_steps)
+    lat_after = sampling.sample(policy_after, prompts, seeds, None)
     before_policy = policy_before or policy_after
     if transformer_before is not None or policy_before is not None:
-        lat_before = sample_videos(before_policy, prompts, seeds, num_steps, transformer=transformer_before)
+        lat_before = sampling.sample(before_policy, prompts, seeds, transformer_before)
     else:
         with policy_after.reference() as ref:
-            lat_before = sample_videos(policy_after, prompts, seeds, num_steps, transformer=ref)
+            lat_before = sampling.sample(policy_after, prompts, seeds, ref)
     with torch.no_grad():
         pix_after = torch.cat([policy_after.decode(lat_after[i:i + 16]) for i in range(0, len(prompts), 16)])
         pix_before = torch.cat([before_policy.decode(lat_before[i:i + 16]) for i in range(0, len(prompts), 16)])
@@ -157,7 +222,7 @@ def evaluate(policy_after: Any, prompts: list[str], seeds: list[int], rewards: d
         "per_reward": per_reward, "metrics": {"reward_gain": gains, **feature_metrics(pix_before, pix_after,
                                                                                       prompts, seeds)},
         "num_prompts": len(prompts), "prompts_source": prompts_source, "seeds": list(seeds),
-        "prompts": list(prompts), "num_steps": num_steps,
+        "prompts": list(prompts), "num_steps": num_steps, "sampler": sampling.name,
     }
     results["monitor"] = _hacking_monitor(per_reward, main_reward, rewards[main_reward], prompts, seeds, pix_before,
                                           pix_after, out, num_steps, checkpoints_dir, base_model,
@@ -204,7 +269,8 @@ def eval_pairs(prompts_source: str, n: int, seed: int = 1234) -> tuple[list[str]
 
 
 def evaluate_trainer(trainer: Any) -> dict[str, Any]:
-    """End-of-training evaluation: the base (adapter disabled / frozen copy) vs the trained policy."""
+    """End-of-training evaluation: the base (adapter disabled / frozen copy) vs the trained policy, both sampled
+    as the run's sampler says (:func:`eval_sampling`)."""
     cfg = trainer.config
     if not trainer.is_main:
         return {}
@@ -218,7 +284,7 @@ def evaluate_trainer(trainer: Any) -> dict[str, Any]:
     results = evaluate(trainer.policy, prompts, seeds, rewards, trainer.output_dir / "eval",
                        num_steps=cfg.eval_num_steps, metrics_path=trainer.output_dir / "metrics.jsonl",
                        main_reward=cfg.reward, prompts_source=cfg.eval_prompts, checkpoints_dir=trainer.output_dir,
-                       base_model=cfg.model)
+                       base_model=cfg.model, sampling=eval_sampling(trainer.plan, trainer.sampler, cfg.eval_num_steps))
     return results
 
 

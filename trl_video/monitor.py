@@ -19,6 +19,8 @@ Both numbers come from the package's ``evaluate`` modules (``frechet_distance``,
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -85,17 +87,23 @@ def summarise(per_reward: dict[str, Any], trained: str, before: dict[str, Any], 
     return out
 
 
-def checkpoint_policy(base_model: str, checkpoint: Path) -> Any:
-    """The base model with a checkpoint's trainable weights (its LoRA added as the run configured it)."""
-    import json
+def checkpoint_config(checkpoint: Path) -> dict[str, Any]:
+    """The run's config recorded in a checkpoint's ``trainer_state.json``."""
+    return dict(json.loads((checkpoint / "trainer_state.json").read_text()).get("config", {}))
 
+
+def checkpoint_policy(base_model: str, checkpoint: Path, prepare: Callable[[Any], None] | None = None) -> Any:
+    """The base model with a checkpoint's trainable weights (its LoRA added as the run configured it);
+    ``prepare`` adapts the loaded base first, as the method did before training (``EvalSampling.prepare``)."""
     from safetensors.torch import load_file
 
     from .models.policy import load_policy
 
-    cfg = json.loads((checkpoint / "trainer_state.json").read_text()).get("config", {})
+    cfg = checkpoint_config(checkpoint)
     policy = load_policy(cfg.get("model") or base_model, num_frames=cfg.get("num_frames"), height=cfg.get("height"),
                          width=cfg.get("width"))
+    if prepare is not None:
+        prepare(policy)
     if cfg.get("use_peft", cfg.get("use_lora", True)):
         rank = cfg.get("lora_r", cfg.get("lora_rank", 8))
         policy.add_lora(rank, cfg.get("lora_alpha"), list(cfg.get("lora_target_modules") or []) or None)
@@ -111,14 +119,16 @@ def checkpoint_policy(base_model: str, checkpoint: Path) -> Any:
 @torch.no_grad()
 def checkpoint_curve(base_model: str, output_dir: Path, prompts: list[str], seeds: list[int], reward: Any,
                      ref_feats: Tensor | None, num_steps: int, device: Any = "cpu") -> list[dict[str, Any]]:
-    """Trained reward and distance to the reference for every ``checkpoint-N`` of a run."""
-    from .evaluation import sample_videos
+    """Trained reward and distance to the reference for every ``checkpoint-N`` of a run, each sampled as its run's
+    method is evaluated (:func:`trl_video.evaluation.eval_sampling_for_run`)."""
+    from .evaluation import eval_sampling_for_run
     from .trainer import find_checkpoints
 
     points = []
     for ck in find_checkpoints(output_dir):
-        policy = checkpoint_policy(base_model, ck).to(device)
-        lat = sample_videos(policy, prompts, seeds, num_steps)
+        sampling = eval_sampling_for_run(checkpoint_config(ck), num_steps)
+        policy = checkpoint_policy(base_model, ck, sampling.prepare).to(device)
+        lat = sampling.sample(policy, prompts, seeds, None)
         pix = torch.cat([policy.decode(lat[i:i + 16]) for i in range(0, len(lat), 16)])
         r = reward(pix if reward.space == "pixel" else lat, prompts).float()
         points.append({"step": int(ck.name.split("-")[-1]), "reward": float(r.mean()),

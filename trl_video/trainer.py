@@ -905,8 +905,12 @@ class VideoRewardTrainer:
             tmp = path.with_name(f".tmp-{path.name}")
             if tmp.exists():
                 shutil.rmtree(tmp)
-            self.policy.save_pretrained(tmp, transformer=transformer, extra_meta={"base_model": self.config.model, "method": self.config.method,
-                                                         "reward": self.config.reward, "steps": self.global_step})
+            config = self.written_recipe()["config"]
+            # "run": what `trl-video eval` needs to sample this model as the run's method does (EvalSampling)
+            run = {k: config[k] for k in ("method", "method_args", "sampler", "sampler_args")}
+            self.policy.save_pretrained(tmp, transformer=transformer, extra_meta={
+                "base_model": self.config.model, "method": self.config.method, "reward": self.config.reward,
+                "steps": self.global_step, "run": run})
             from .hub import write_model_card
 
             write_model_card(tmp, self)

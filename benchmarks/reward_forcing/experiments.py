@@ -69,21 +69,13 @@ def _heldout_items(seeds: int):
 
 
 @torch.no_grad()
-def student_videos(policy: Any, prompts: list[str], seeds: list[int], num_steps: int = 4, batch: int = 16) -> Tensor:
-    """Self-rollout samples (noise and re-noising seeded per item), decoded: ``[N, 3, F, H, W]``."""
-    from vidrl_plugin_reward_forcing.rollout import self_rollout, student_timesteps
+def student_videos(policy: Any, prompts: list[str], seeds: list[int], num_steps: int = 4) -> Tensor:
+    """Self-rollout samples decoded, ``[N, 3, F, H, W]``: the sampler component's evaluation loop (the one
+    ``eval_at_end`` / ``trl-video eval`` use; noise and re-noising seeded per item)."""
+    from vidrl_plugin_reward_forcing.sampler import SelfRolloutSampler
 
-    model = policy.transformer.eval()
-    ts = student_timesteps(policy.schedule, num_steps)
-    out = []
-    for i in range(0, len(prompts), batch):
-        ps, ss = prompts[i:i + batch], seeds[i:i + batch]
-        noise = torch.stack([torch.randn(*policy.latent_shape, generator=torch.Generator().manual_seed(s)) for s in ss])
-        g = torch.Generator().manual_seed(ss[0] + 17)
-        emb, _ = policy.encode_prompts(ps)
-        lat = self_rollout(model, policy.schedule, emb, noise, ts, randn=lambda s: torch.randn(*s, generator=g)).latents  # noqa: B023 (called at once)
-        out.append(policy.decode(lat))
-    return torch.cat(out)
+    lat = SelfRolloutSampler(num_steps=num_steps).evaluation_sampler()(policy, prompts, seeds, None)
+    return torch.cat([policy.decode(lat[i:i + 16]) for i in range(0, len(lat), 16)])
 
 
 @torch.no_grad()
@@ -195,7 +187,8 @@ def run_ode(a: argparse.Namespace) -> int:
     truth = render_batch(prompts, seeds)
     res = {
         "command": "python benchmarks/reward_forcing/experiments.py ode " + " ".join(sys.argv[2:]),
-        "train_trajectories": 512, "steps": a.steps, "chunk_size": a.chunk_size, "train_seconds": round(secs, 1),
+        "train_trajectories": 512, "steps": trainer.global_step, "steps_planned": a.steps,
+        "stopped_early": trainer.global_step < a.steps, "chunk_size": a.chunk_size, "train_seconds": round(secs, 1),
         "heldout_regression_loss": {"causal_init_from_teacher": round(reg_init, 5), "after_ode_init": round(reg_trained, 5),
                                     "after_ode_init_ema": round(reg_ema, 5)},
         "train_regression_curve": [(r["step"], r.get("ode/regression")) for r in rows],
@@ -208,6 +201,10 @@ def run_ode(a: argparse.Namespace) -> int:
                                 "causal_before_init": chunk_jump(vids_init, a.chunk_size, temporal),
                                 "teacher_20step": chunk_jump(vids_teacher, a.chunk_size, temporal),
                                 "world_truth": chunk_jump(truth, a.chunk_size, temporal)},
+        "frame_diff_profile": {name: [round(float(x), 5) for x in
+                                      (v[:, :, 1:] - v[:, :, :-1]).abs().mean(dim=(0, 1, 3, 4))]
+                               for name, v in (("student_ode_init", vids_student), ("teacher_20step", vids_teacher),
+                                               ("causal_before_init", vids_init), ("world_truth", truth))},
         "motion_mean_abs_frame_diff": {"student_ode_init": round(float(motion(vids_student).mean()), 5),
                                        "teacher_20step": round(float(motion(vids_teacher).mean()), 5),
                                        "world_truth": round(float(motion(truth).mean()), 5)},

@@ -15,6 +15,8 @@ loss       :class:`Loss`           ``BaseLoss``    ``sample_grad`` (False): samp
 =========  ======================  ==============  =====================================================
 
 * Sampler:   ``sample(ctx, prompts, embeds, group_ids) -> Rollouts``
+             optional ``evaluation_sampler() -> EvalSampler | None``: how evaluation samples the policy it
+             trains (None: the deterministic ODE sampler; see ``trl_video.evaluation.EvalSampling``).
 * Reward:    ``__call__(inputs, prompts) -> Tensor[B]``; the trainer decodes latents only for pixel rewards.
 * Replay:    ``update(ctx, fresh) -> None``; ``sample(ctx, fresh) -> Rollouts`` (what the loss sees);
              ``state_dict()`` / ``load_state_dict()`` (saved in checkpoints).
@@ -40,6 +42,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from ..config import VideoRewardConfig
+    from ..evaluation import EvalSampler
     from ..models.policy import VideoPolicy
     from ..rollouts import Rollouts
 
@@ -151,6 +154,12 @@ class BaseSampler:
 
     def sample(self, ctx: TrainContext, prompts: list[str], embeds: Tensor, group_ids: Tensor) -> Rollouts:
         raise NotImplementedError
+
+    def evaluation_sampler(self) -> EvalSampler | None:
+        """How evaluation (training's ``eval_at_end``, ``trl-video eval``, the checkpoint curve) samples the policy
+        this sampler trains. None: the deterministic ODE sampler with ``eval_num_steps``; a generator that is only
+        valid under its own loop (a causal self-rollout) returns that loop."""
+        return None
 
 
 class BaseEstimator:

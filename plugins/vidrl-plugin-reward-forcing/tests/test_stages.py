@@ -125,8 +125,31 @@ def test_streaming_decode_equals_full_decode(teacher_policy):
     assert (parts - full).abs().max() < 1e-5
 
 
-def test_trainer_runs_both_stages_and_saves_a_causal_model(tmp_path, ode_dir):
+@torch.no_grad()
+def _self_rollout_reward(policy, transformer, prompts, seeds, steps):
+    """The alignment reward of self-rollout samples, written out here (not the sampler's evaluation loop): initial
+    noise from each pair's seed, re-noising from seed + 7919, ``steps`` levels per chunk."""
+    from trl_video.components.rewards import AlignmentReward
+
+    from vidrl_plugin_reward_forcing.rollout import self_rollout, student_timesteps
+
+    out = []
+    for p, s in zip(prompts, seeds, strict=True):
+        noise = torch.randn(1, *policy.latent_shape, generator=torch.Generator().manual_seed(s))
+        g = torch.Generator().manual_seed(s + 7919)
+        emb, _ = policy.encode_prompts([p])
+        lat = self_rollout(transformer.eval(), policy.schedule, emb, noise, student_timesteps(policy.schedule, steps),
+                           randn=lambda shape: torch.randn(*shape, generator=g)).latents  # noqa: B023 (used at once)
+        out.append(AlignmentReward()(policy.decode(lat), [p]))
+    return torch.cat(out)
+
+
+def test_trainer_runs_both_stages_saves_a_causal_model_and_evaluates_it_by_self_rollout(tmp_path, ode_dir):
+    """Training's eval_at_end, its checkpoint curve and ``trl-video eval`` sample the causal generator with its own
+    self-rollout (the bidirectional ODE sampler, the old behaviour, gives other rewards), before and after."""
+    from trl_video import cli
     from trl_video.config import config_from_dict
+    from trl_video.evaluation import eval_pairs
     from trl_video.models.policy import load_policy
     from trl_video.trainer import VideoRewardTrainer
 
@@ -135,15 +158,37 @@ def test_trainer_runs_both_stages_and_saves_a_causal_model(tmp_path, ode_dir):
         "method_args": {"chunk_size": 1, "ode_steps": 2, "ode_dataset": str(ode_dir)},
         "sampler_args": {"num_steps": 2, "grad": "last"}, "prompts_per_step": 2, "group_size": 1,
         "use_peft": False, "learning_rate": 1e-4, "adam_beta1": 0.0, "weight_decay": 0.01, "ema_decay": 0.99,
-        "max_steps": 3, "logging_steps": 1, "report_to": "none", "output_dir": str(tmp_path / "run")})
+        "max_steps": 3, "logging_steps": 1, "report_to": "none", "output_dir": str(tmp_path / "run"),
+        "eval_at_end": True, "eval_num_prompts": 2, "eval_num_steps": 3})
     trainer = VideoRewardTrainer(cfg)
-    trainer.train()
+    result = trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [("ode/regression" in r, "generator/frame_reward" in r) for r in rows] == [(True, False), (True, False),
                                                                                        (False, True)]
     assert rows[2]["grad_norm/policy"] > 0
     loaded = load_policy(str(tmp_path / "run" / "model"))
     assert type(loaded.transformer) is CausalWanTransformer3DModel
+
+    prompts, seeds = eval_pairs(cfg.eval_prompts, 2)
+    after = _self_rollout_reward(loaded, loaded.transformer, prompts, seeds, steps=2)
+    teacher = load_policy("tiny-wan")
+    start = CausalWanTransformer3DModel.from_teacher(teacher.transformer, chunk_size=1)
+    before = _self_rollout_reward(teacher, start, prompts, seeds, steps=2)
+    ev = result["eval"]
+    assert ev["reward_after"] == pytest.approx(float(after.mean()), abs=1e-5)
+    assert ev["reward_before"] == pytest.approx(float(before.mean()), abs=1e-5)
+    assert ev["sampler"] == "self_rollout"
+    assert ev["monitor"]["checkpoints"][-1]["step"] == 3  # the base made causal + the checkpoint's weights
+    assert ev["monitor"]["checkpoints"][-1]["reward"] == pytest.approx(float(after.mean()), abs=1e-5)
+    meta = json.loads((tmp_path / "run" / "model" / "trl_video.json").read_text())
+    assert meta["run"]["sampler_args"] == {"num_steps": 2, "grad": "last"}
+
+    out = tmp_path / "cli-eval"
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "run"), "--num-prompts", "2", "--out", str(out)]) == 0
+    res = json.loads((out / "eval_results.json").read_text())
+    assert res["reward_after"] == pytest.approx(float(after.mean()), abs=1e-5)
+    assert res["reward_before"] == pytest.approx(float(before.mean()), abs=1e-5)
+    assert res["sampler"] == "self_rollout"
 
 
 def test_trainer_reward_plus_dmd_step(tmp_path):

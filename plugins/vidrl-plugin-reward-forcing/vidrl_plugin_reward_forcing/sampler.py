@@ -3,11 +3,15 @@ previous chunks, exactly as at inference (:func:`~.rollout.self_rollout`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from trl_video.components.base import TrainContext
 from trl_video.components.samplers import GridSampler, behaviour_policy
+from trl_video.evaluation import EvalSampler
 from trl_video.rollouts import Rollouts
+from trl_video.sampling import sample_batched
 
 from .errors import RewardForcingError
 from .model import is_causal
@@ -29,6 +33,8 @@ class SelfRolloutSampler(GridSampler):
     """
 
     name = "self_rollout"
+    #: evaluation re-noises item ``seed``'s chunks from ``torch.Generator().manual_seed(seed + RENOISE_SEED)``
+    RENOISE_SEED = 7_919
 
     def __init__(self, num_steps: int = 4, timesteps: list[float] | None = None, grad: str = "last",
                  num_frames: int | None = None, max_context: int | None = None, behaviour: str = "current"):
@@ -60,3 +66,33 @@ class SelfRolloutSampler(GridSampler):
         return Rollouts(latents=res.latents, prompts=list(prompts), prompt_embeds=embeds, group_ids=group_ids,
                         timesteps=grid, noise=noise, source="ema" if self.behaviour == "ema" else "online",
                         extras={"chunk_size": torch.tensor(net.config.chunk_size)})
+
+    def evaluation_sampler(self) -> EvalSampler:
+        """Evaluation samples the causal generator the way it is used: the same self-rollout (K steps per chunk,
+        KV cache), without gradients; the initial noise of a (prompt, seed) pair comes from its seed and its
+        re-noising from ``seed + RENOISE_SEED``, so a pair gets the same video in any batch."""
+
+        def sample(policy: Any, prompts: list[str], seeds: list[int], transformer: Any = None) -> Tensor:
+            net = transformer if transformer is not None else policy.transformer
+            if not is_causal(net):
+                raise RewardForcingError("evaluation with sampler 'self_rollout' needs the causal generator; "
+                                         "the model to sample is bidirectional")
+            ts = self.timesteps or student_timesteps(policy.schedule, self.num_steps)
+
+            def rollout(noise: Tensor, embeds: Tensor, batch_seeds: list[int]) -> Tensor:
+                gens = [torch.Generator().manual_seed(int(s) + self.RENOISE_SEED) for s in batch_seeds]
+
+                def renoise(shape: tuple[int, ...]) -> Tensor:
+                    return torch.stack([torch.randn(*shape[1:], generator=g) for g in gens]).to(noise.device)
+
+                return self_rollout(net, policy.schedule, embeds, noise, ts, randn=renoise,
+                                    max_context=self.max_context).latents
+
+            was_training = net.training
+            net.eval()
+            try:
+                return sample_batched(policy, prompts, seeds, rollout)
+            finally:
+                net.train(was_training)
+
+        return sample
