@@ -166,3 +166,25 @@ def test_weighted_sum_of_rewards():
     mix = WeightedSum({"luminance": (lum, 2.0), "motion": (mot, -0.5)})
     torch.testing.assert_close(mix(v, ["p"]), 2.0 * lum(v, ["p"]) - 0.5 * mot(v, ["p"]))
     assert mix.space == "pixel" and mix.differentiable
+
+
+def test_alignment_batch_equals_per_sample_calls():
+    """The batch is scored in one pass: each sample's value and gradient are those of scoring it alone."""
+    reward = AlignmentReward()
+    texts = ["a magenta circle moving right on a gray background", "a photo of a cat",
+             "a blue square moving up on a dark background", "a yellow square moving down on a light background"]
+    gt = world.render_batch([t if world.Caption.parse(t) else texts[0] for t in texts], [1, 2, 3, 4])
+    g = torch.Generator().manual_seed(0)
+    x0 = (gt + 0.4 * torch.randn(gt.shape, generator=g)).clamp(-1, 1)
+    x = x0.clone().requires_grad_(True)
+    r = reward(x, texts)
+    (r * torch.arange(1.0, 5.0)).sum().backward()  # a different weight per sample: gradients must not mix
+    assert float(r[1]) == 0.0 and float(x.grad[1].abs().sum()) == 0.0  # not a caption
+    for i, t in enumerate(texts):
+        xi = x0[i:i + 1].clone().requires_grad_(True)
+        ri = reward(xi, [t])
+        assert torch.equal(ri.detach(), r.detach()[i:i + 1]), (i, ri, r)
+        if ri.requires_grad:  # a non-caption alone scores a constant 0
+            (ri * (i + 1)).sum().backward()
+            assert torch.equal(xi.grad, x.grad[i:i + 1]), i
+    assert torch.equal(reward(x0, ["a photo of a cat"] * 4), torch.zeros(4))

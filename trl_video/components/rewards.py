@@ -78,46 +78,57 @@ class AlignmentReward(Reward):
         self.weights = weights
 
     def components(self, video: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        """Each component ``[B]`` (0 where the prompt is not a world caption), computed for the whole batch at once:
+        every sample goes through the same operations as alone (no per-sample Python loop), so a sample's value
+        does not depend on the batch it is in."""
         v = video.float()
         b, _, f, h, w = v.shape
         dev = v.device
         out = {k: torch.zeros(b, device=dev) for k in ("color", "background", "motion", "shape")}
+        parsed = [(i, c) for i, p in enumerate(prompts) if (c := world.Caption.parse(p)) is not None]
+        if not parsed:
+            return out
+        rows, caps = [i for i, _ in parsed], [c for _, c in parsed]
+        names = list(world.COLORS)
+        chosen = [names.index(c.color) for c in caps]
+        idx = torch.tensor(rows, device=dev)
+        n, k = len(rows), len(names)
         scale = h / world.SIZE
         yy, xx = torch.meshgrid(torch.arange(h, device=dev, dtype=v.dtype) + 0.5,
                                 torch.arange(w, device=dev, dtype=v.dtype) + 0.5, indexing="ij")
         palette = torch.tensor(list(world.COLORS.values()), device=dev, dtype=v.dtype)  # [K, 3]
-        names = list(world.COLORS)
-        for i, p in enumerate(prompts):
-            cap = world.Caption.parse(p)
-            if cap is None:
-                continue
-            x = v[i]  # [3, F, H, W]
-            d2 = ((x.unsqueeze(0) - palette.view(-1, 3, 1, 1, 1)) ** 2).sum(1)  # [K, F, H, W]
-            masks = torch.exp(-d2 / (2 * self.tau**2))
-            m = masks[names.index(cap.color)]  # [F, H, W]
-            area = m.flatten(1).mean(1)  # per frame
-            others = torch.cat([masks[:names.index(cap.color)], masks[names.index(cap.color) + 1:]])
-            wrong = others.flatten(2).mean(2).sum(0)  # per frame
-            presence = torch.tanh(area / world.EXPECTED_AREA) - torch.tanh(wrong / world.EXPECTED_AREA)
-            out["color"][i] = presence.mean()
-            bgv = world.BACKGROUNDS[cap.background]
-            bg_close = torch.exp(-((x - bgv) ** 2).sum(0) / (2 * self.tau**2))  # [F, H, W]
-            out["background"][i] = ((1 - m) * bg_close).sum() / (1 - m).sum().clamp_min(1e-6)
-            # geometry from a floored mask: faint colour leakage over the whole background would otherwise
-            # dominate the centroid and the 4th moments
-            m = torch.relu(m - 0.02)
-            mass = m.flatten(1).sum(1).clamp_min(1e-6)  # [F]
-            cx = (m * xx).flatten(1).sum(1) / mass
-            cy = (m * yy).flatten(1).sum(1) / mass
-            dx, dy = world.MOTIONS[cap.motion]
-            disp = ((cx[-1] - cx[0]) * dx + (cy[-1] - cy[0]) * dy) / scale
-            out["motion"][i] = torch.tanh(disp / 6.0)
-            rx, ry = xx - cx.view(-1, 1, 1), yy - cy.view(-1, 1, 1)
-            ex2, ey2 = (m * rx**2).flatten(1).sum(1) / mass, (m * ry**2).flatten(1).sum(1) / mass
-            exy = (m * rx**2 * ry**2).flatten(1).sum(1) / mass
-            ratio = exy / (ex2 + ey2).clamp_min(1e-6) ** 2
-            squareness = torch.tanh((ratio - (1 / 6 + 1 / 4) / 2) / 0.02).mean()
-            out["shape"][i] = squareness if cap.shape == "square" else -squareness
+        x = v[idx]  # [N, 3, F, H, W]
+        d2 = ((x.unsqueeze(1) - palette.view(1, -1, 3, 1, 1, 1)) ** 2).sum(2)  # [N, K, F, H, W]
+        masks = torch.exp(-d2 / (2 * self.tau**2))
+        m = masks[torch.arange(n, device=dev), torch.tensor(chosen, device=dev)]  # [N, F, H, W] the named colour
+        area = m.flatten(2).mean(2)  # [N, F] per frame
+        # the other colours of the palette, in palette order
+        others = torch.tensor([[j for j in range(k) if j != c] for c in chosen], device=dev)  # [N, K-1]
+        per_colour = masks.flatten(3).mean(3)  # [N, K, F]
+        wrong = per_colour.gather(1, others.unsqueeze(-1).expand(-1, -1, f)).sum(1)  # [N, F]
+        presence = torch.tanh(area / world.EXPECTED_AREA) - torch.tanh(wrong / world.EXPECTED_AREA)
+        out["color"] = out["color"].index_put((idx,), presence.mean(1))
+        bgv = torch.tensor([world.BACKGROUNDS[c.background] for c in caps], device=dev,
+                           dtype=v.dtype).view(-1, 1, 1, 1, 1)
+        bg_close = torch.exp(-((x - bgv) ** 2).sum(1) / (2 * self.tau**2))  # [N, F, H, W]
+        background = ((1 - m) * bg_close).flatten(1).sum(1) / (1 - m).flatten(1).sum(1).clamp_min(1e-6)
+        out["background"] = out["background"].index_put((idx,), background)
+        # geometry from a floored mask: faint colour leakage over the whole background would otherwise
+        # dominate the centroid and the 4th moments
+        m = torch.relu(m - 0.02)
+        mass = m.flatten(2).sum(2).clamp_min(1e-6)  # [N, F]
+        cx = (m * xx).flatten(2).sum(2) / mass
+        cy = (m * yy).flatten(2).sum(2) / mass
+        dx, dy = (torch.tensor([world.MOTIONS[c.motion][j] for c in caps], device=dev, dtype=v.dtype) for j in (0, 1))
+        disp = ((cx[:, -1] - cx[:, 0]) * dx + (cy[:, -1] - cy[:, 0]) * dy) / scale
+        out["motion"] = out["motion"].index_put((idx,), torch.tanh(disp / 6.0))
+        rx, ry = xx - cx.view(n, -1, 1, 1), yy - cy.view(n, -1, 1, 1)
+        ex2, ey2 = (m * rx**2).flatten(2).sum(2) / mass, (m * ry**2).flatten(2).sum(2) / mass
+        exy = (m * rx**2 * ry**2).flatten(2).sum(2) / mass
+        ratio = exy / (ex2 + ey2).clamp_min(1e-6) ** 2
+        squareness = torch.tanh((ratio - (1 / 6 + 1 / 4) / 2) / 0.02).mean(1)
+        square = torch.tensor([c.shape == "square" for c in caps], device=dev)
+        out["shape"] = out["shape"].index_put((idx,), torch.where(square, squareness, -squareness))
         return out
 
     def __call__(self, inputs: Tensor, prompts: list[str]) -> Tensor:
