@@ -112,3 +112,25 @@ def test_interleaved_timings_alternate_the_order_after_the_warmup() -> None:
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rounds in alternating order
     assert times == {"a": [1.0, 1.0, 1.0], "b": [2.0, 2.0, 2.0]}  # warm-up runs are not timed
     assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (1.5, 4.5)
+
+
+def test_scaling_breakdown_separates_communication_waiting_and_contention() -> None:
+    """Synthetic 2-rank run: per step each rank computes, the first to finish waits in the all-reduce for the other,
+    then both spend the communication time c and the metric gather m."""
+    from trl_video.bench import scaling_breakdown
+
+    c, m = 0.005, 0.001
+    compute = [(0.90, 0.95), (1.00, 0.92), (0.93, 0.93)]  # per step: rank 0, rank 1
+    ranks = [{"step_s": [], "parts": []} for _ in range(2)]
+    for step in compute:
+        for r, own in enumerate(step):
+            sync = c + max(step) - own  # waits for the slower rank, then communicates
+            ranks[r]["step_s"].append(own + sync + m)
+            ranks[r]["parts"].append({"grad_sync": sync, "metrics": m})
+    w = scaling_breakdown([ranks], one_s=1.6, half_s=0.9)
+    assert w["ideal_s"] == pytest.approx(0.8) and w["fixed_cost_s"] == pytest.approx(0.1)
+    assert w["distributed_s"] == pytest.approx(0.95 + c + m - 0.9)  # median step 0.956 vs one rank alone
+    assert w["grad_sync_s"] == pytest.approx(c) and w["metrics_s"] == pytest.approx(m)
+    assert w["wait_in_sync_s"] == pytest.approx(0.05) and w["wait_mean_s"] == pytest.approx((0.05 + 0.08) / 3)
+    assert w["faster_rank_compute_s"] == pytest.approx(0.92) and w["slower_rank_compute_s"] == pytest.approx(0.95)
+    assert w["contention_s"] == pytest.approx(0.02)

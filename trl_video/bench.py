@@ -225,6 +225,32 @@ def _run_variant(a: argparse.Namespace, name: str, out: Path) -> list[dict]:
     return [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(ranks)]
 
 
+def scaling_breakdown(runs: list[list[dict]], one_s: float, half_s: float) -> dict[str, float]:
+    """Where a 2-rank step goes beyond the ideal ``T(1x1) / 2``, from the per-step parts of every run of the 2-rank
+    variant (``runs[run][rank]``, as ``scaling_worker`` writes them) and the 1-rank step times ``one_s`` (whole
+    batch) and ``half_s`` (one rank's share alone). Per step, the rank that reaches the all-reduce last spends in
+    it only the communication; the other also waits there for it. So per step: communication = the smaller of
+    the two ranks' all-reduce times, imbalance = their difference, each rank's compute = its step minus all-reduce
+    and metric gather. Medians over the steps of a run, then over runs."""
+    comm, wait, metrics, fast, slow = [], [], [], [], []
+    for ranks in runs:
+        steps = list(zip(*(zip(r["step_s"], r["parts"]) for r in ranks)))  # steps[i] = ((step_s, parts) per rank)
+        sync = [[p.get("grad_sync", 0.0) for _, p in st] for st in steps]
+        compute = [[t - p.get("grad_sync", 0.0) - p.get("metrics", 0.0) for t, p in st] for st in steps]
+        comm.append(statistics.median(min(s) for s in sync))
+        wait.append([max(s) - min(s) for s in sync])
+        metrics.append(statistics.median(max(p.get("metrics", 0.0) for _, p in st) for st in steps))
+        fast.append(statistics.median(min(c) for c in compute))
+        slow.append(statistics.median(max(c) for c in compute))
+    two = statistics.median(statistics.median(r[0]["step_s"]) for r in runs)
+    return {"ideal_s": one_s / 2, "fixed_cost_s": half_s - one_s / 2, "distributed_s": two - half_s,
+            "grad_sync_s": statistics.median(comm), "metrics_s": statistics.median(metrics),
+            "contention_s": statistics.median(fast) - half_s,
+            "wait_in_sync_s": statistics.median(statistics.median(w) for w in wait),
+            "wait_mean_s": statistics.median(statistics.mean(w) for w in wait),
+            "slower_rank_compute_s": statistics.median(slow), "faster_rank_compute_s": statistics.median(fast)}
+
+
 def bench_scaling(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="trl-video bench scaling",
                                  description="Data-parallel scaling on CPU at a fixed global batch: 2 ranks x 1 thread "
@@ -295,21 +321,15 @@ def bench_scaling(argv: list[str]) -> int:
         print(f"  2 ranks x 1 thread vs 1 rank x 2 threads: {statistics.median(sp):.3f}x "
               f"(rounds {min(sp):.3f}-{max(sp):.3f})")
     if {"1x1", "2x1", "1x1-half"} <= set(V):
-        ideal = V["1x1"]["step_s"] / 2
-        half, two = V["1x1-half"]["step_s"], V["2x1"]["step_s"]
-        # the rank that reaches the all-reduce first waits in it for the other; the last one's time is the
-        # communication itself
-        sync = [part("2x1", "grad_sync", r) for r in range(2)]
-        res["where"] = {"ideal_s": ideal, "fixed_cost_s": half - ideal, "distributed_s": two - half,
-                        "grad_sync_s": min(sync), "wait_in_sync_s": max(sync) - min(sync),
-                        "metrics_s": part("2x1", "metrics", 0)}
-        w = res["where"]
-        print(f"  where the 2-rank step goes beyond the ideal T(1x1)/2 = {ideal * 1000:.1f} ms:")
-        print(f"    half the batch on one rank alone costs {half * 1000:.1f} ms: {w['fixed_cost_s'] * 1000:+.1f} ms "
-              f"of per-step cost that does not shrink with the batch")
-        print(f"    2 ranks vs that: {w['distributed_s'] * 1000:+.1f} ms (grad all-reduce {w['grad_sync_s'] * 1000:.1f}"
-              f" ms, waiting for the other rank in it {w['wait_in_sync_s'] * 1000:.1f} ms, metric gather "
-              f"{w['metrics_s'] * 1000:.1f} ms; the rest: two processes sharing the cores' caches / memory bandwidth)")
+        res["where"] = w = scaling_breakdown(runs["2x1"], V["1x1"]["step_s"], V["1x1-half"]["step_s"])
+        print(f"  where the 2-rank step goes beyond the ideal T(1x1)/2 = {w['ideal_s'] * 1000:.1f} ms:")
+        print(f"    half the batch on one rank alone costs {V['1x1-half']['step_s'] * 1000:.1f} ms: "
+              f"{w['fixed_cost_s'] * 1000:+.1f} ms of per-step cost that does not shrink with the batch")
+        print(f"    2 ranks vs that: {w['distributed_s'] * 1000:+.1f} ms: gradient all-reduce {w['grad_sync_s'] * 1000:.1f} ms "
+              f"and metric gather {w['metrics_s'] * 1000:.1f} ms (per step, on the rank that arrived last); the faster "
+              f"rank computing {w['contention_s'] * 1000:+.1f} ms longer than one rank alone (both cores busy: shared "
+              f"caches / memory bandwidth, and other load takes a core from a rank); the slower rank {w['wait_in_sync_s'] * 1000:.1f} ms behind it (median per "
+              f"step; mean {w['wait_mean_s'] * 1000:.1f} ms), which the other waits for in the all-reduce")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     return 0
