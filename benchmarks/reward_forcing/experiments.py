@@ -209,7 +209,9 @@ def run_ode(a: argparse.Namespace) -> int:
                                        "teacher_20step": round(float(motion(vids_teacher).mean()), 5),
                                        "world_truth": round(float(motion(truth).mean()), 5)},
     }
+    res["vae_temporal"] = temporal
     _save("ode_init", res)
+    plot_ode(res, RESULTS / "ode_init.png")
     save_sample_grid = import_benchmark("assets", "pretrain").save_sample_grid  # the asset builder's helpers
 
     save_sample_grid(RESULTS / "ode_init_student.png", vids_student, caps, "causal student after ODE init (4 steps/chunk)")
@@ -218,16 +220,57 @@ def run_ode(a: argparse.Namespace) -> int:
     return 0
 
 
+def plot_ode(res: dict[str, Any], out: Path) -> None:
+    """Stage 1 at a glance: the training regression curve, the held-out accuracies against the teacher's, and
+    the mean |frame difference| of each consecutive pixel-frame pair with the chunk boundaries marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
+    steps, loss = zip(*[(s, v) for s, v in res["train_regression_curve"] if v is not None], strict=True)
+    ax[0].plot(steps, loss, lw=1)
+    held = res["heldout_regression_loss"]
+    ax[0].axhline(held["causal_init_from_teacher"], color="C3", ls="--", lw=1, label="held-out, before")
+    ax[0].axhline(held["after_ode_init_ema"], color="C2", ls="--", lw=1, label="held-out, after (EMA)")
+    ax[0].set(xlabel="step", ylabel="ODE regression loss", yscale="log", title="stage 1 regression")
+    ax[0].legend(fontsize=7)
+    ev = res["heldout_eval"]
+    names = ["causal_before_init", "student_ode_init", "teacher_4step", "teacher_20step"]
+    for k, metric in enumerate(("color_acc", "motion_acc")):
+        ax[1].bar([i + 0.4 * k for i in range(len(names))], [ev[n][metric] for n in names], width=0.4,
+                  label=metric)
+    ax[1].set_xticks([i + 0.2 for i in range(len(names))],
+                     ["causal,\nbefore", "student\n(4/chunk)", "teacher\n4 steps", "teacher\n20 steps"], fontsize=7)
+    ax[1].set(ylim=(0, 1), title=f"held-out accuracy (n={ev['n']})")
+    ax[1].legend(fontsize=7)
+    prof = res["frame_diff_profile"]
+    for name in ("student_ode_init", "teacher_20step", "world_truth"):
+        ax[2].plot(range(len(prof[name])), prof[name], marker="o", ms=3, label=name)
+    temporal = res.get("vae_temporal", 4)
+    chunk = [pixel_to_latent_frame(j, temporal) // res["chunk_size"] for j in range(len(prof["world_truth"]) + 1)]
+    for j in range(len(chunk) - 1):
+        if chunk[j] != chunk[j + 1]:
+            ax[2].axvline(j, color="0.8", lw=0.8, zorder=0)
+    ax[2].set(xlabel="pixel frame pair (j, j+1); grey = chunk boundary", ylabel="mean |frame difference|",
+              title="chunk-boundary jump")
+    ax[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------- stage 2
 @torch.no_grad()
-def _reward_eval(policy: Any, prompts: list[str], seeds: list[int]) -> dict[str, float]:
+def _reward_eval(policy: Any, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
     from trl_video.components.rewards import AlignmentReward
 
     vids = student_videos(policy, prompts, seeds)
     r = AlignmentReward()
-    return {"last_frame_reward": float(r(vids[:, :, -1:], prompts).mean()),
-            "video_alignment": float(r(vids, prompts).mean()),
-            "motion": float(motion(vids).mean())}
+    last = r(vids[:, :, -1:], prompts).float()
+    return {"last_frame_reward": float(last.mean()), "video_alignment": float(r(vids, prompts).mean()),
+            "motion": float(motion(vids).mean()), "per_pair_last_frame_reward": [round(float(x), 5) for x in last]}
 
 
 def run_reward(a: argparse.Namespace) -> int:
@@ -239,9 +282,21 @@ def run_reward(a: argparse.Namespace) -> int:
     items = _heldout_items(a.eval_seeds)
     prompts, seeds = [c.text for c, _ in items], [s for _, s in items]
     base = _reward_eval(load_policy(str(start)), prompts, seeds)
-    runs: dict[str, list[dict[str, float]]] = {}
-    for mode in a.modes:
-        for seed in range(a.seeds):
+    runs: dict[str, list[dict[str, Any]]] = {}
+
+    def results() -> dict[str, Any]:
+        keys = ("last_frame_reward", "video_alignment", "motion")
+        summary = {mode: {k: _mean_se([r[k] for r in rs]) for k in keys} for mode, rs in runs.items()}
+        gains = {mode: {k: _mean_se([r[k] - base[k] for r in rs]) for k in keys} for mode, rs in runs.items()}
+        return {"command": "python benchmarks/reward_forcing/experiments.py reward " + " ".join(sys.argv[2:]),
+                "start": str(start.relative_to(REPO)), "steps": a.steps, "lr": a.lr, "batch": a.batch,
+                "dmd_weight": a.dmd_weight, "seeds_done": min((len(rs) for rs in runs.values()), default=0),
+                "heldout_pairs": len(prompts),
+                "before": {k: round(v, 5) for k, v in base.items() if k != "per_pair_last_frame_reward"},
+                "after": summary, "gain_vs_before": gains, "runs": runs}
+
+    for seed in range(a.seeds):  # seeds outer: an interrupted run still holds paired modes
+        for mode in a.modes:
             over: dict[str, Any] = {"method_args": {"frames": mode}}
             if mode == "random" or a.dmd_weight > 0:
                 over["sampler_args"] = {"grad": "all"}
@@ -258,19 +313,14 @@ def run_reward(a: argparse.Namespace) -> int:
             trainer, secs = _train(recipe)
             _ema_weights(trainer)
             ev = _reward_eval(trainer.policy, prompts, seeds)
+            # the held-out pairs are the same before and after: the gain's s.e. over pairs (paired)
+            ev["last_frame_gain_over_pairs"] = _mean_se([x - y for x, y in zip(
+                ev.pop("per_pair_last_frame_reward"), base["per_pair_last_frame_reward"], strict=True)])
+            ev["last_frame_gain_over_pairs"].pop("values")
             ev["train_seconds"] = round(secs, 1)
             print(mode, seed, ev, flush=True)
             runs.setdefault(mode, []).append(ev)
-    summary = {mode: {k: _mean_se([r[k] for r in rs]) for k in ("last_frame_reward", "video_alignment", "motion")}
-               for mode, rs in runs.items()}
-    gains = {mode: {k: _mean_se([r[k] - base[k] for r in rs]) for k in ("last_frame_reward", "video_alignment",
-                                                                         "motion")} for mode, rs in runs.items()}
-    res = {"command": "python benchmarks/reward_forcing/experiments.py reward " + " ".join(sys.argv[2:]),
-           "start": str(start.relative_to(REPO)), "steps": a.steps, "lr": a.lr, "batch": a.batch,
-           "dmd_weight": a.dmd_weight,
-           "heldout_pairs": len(prompts), "before": {k: round(v, 5) for k, v in base.items()},
-           "after": summary, "gain_vs_before": gains, "runs": runs}
-    _save(a.name, res)
+            _save(a.name, results())  # after every run: partial results survive an interruption
     return 0
 
 
@@ -338,10 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dmd-weight", type=float, default=0.0)
     r.add_argument("--eval-seeds", type=int, default=2)
     r.add_argument("--name", default="reward_last_vs_random")
+    sub.add_parser("plot-ode", help="redraw results/ode_init.png from results/ode_init.json")
     s = sub.add_parser("stream")
     s.add_argument("--reps", type=int, default=5)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if a.cmd == "plot-ode":
+        plot_ode(json.loads((RESULTS / "ode_init.json").read_text()), RESULTS / "ode_init.png")
+        return 0
     return {"ode": run_ode, "reward": run_reward, "stream": run_stream}[a.cmd](a)
 
 
