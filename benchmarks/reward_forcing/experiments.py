@@ -2,7 +2,7 @@
 
     python benchmarks/reward_forcing/experiments.py ode      # stage 1: regression loss, accuracy vs teacher, chunk jumps
     python benchmarks/reward_forcing/experiments.py reward   # stage 2: last vs random frames, >= 3 seeds
-    python benchmarks/reward_forcing/experiments.py stream   # streaming vs bidirectional, 3x the training length
+    python benchmarks/reward_forcing/experiments.py stream   # = trl-video bench reward_forcing.stream, results/
 
 Results go to ``benchmarks/reward_forcing/results/*.json`` (and sample grids as PNG). Every number printed in the
 README comes from these files. Run with ``OMP_NUM_THREADS=1 nice -n 10`` on a shared machine.
@@ -326,50 +326,11 @@ def run_reward(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- streaming
 def run_stream(a: argparse.Namespace) -> int:
-    from vidrl_plugin_reward_forcing.streaming import stream
+    """The streaming benchmark (``trl-video bench reward_forcing.stream``) on the stage-1 student, results here."""
+    cmd_stream = import_benchmark("reward_forcing", "commands").cmd_stream  # the one implementation
 
-    from trl_video.evaluation import sample_videos
-    from trl_video.models.policy import load_policy
-
-    model = STAGE1 / "model_ema"
-    student = load_policy(str(model)) if (model / "model_index.json").exists() else None
-    if student is None:
-        raise SystemExit("run the stage-1 experiment first: python benchmarks/reward_forcing/experiments.py ode")
-    train_frames = student.latent_shape[1]
-    frames = 3 * train_frames
-    pixel_frames = (frames - 1) * student.vae.config.scale_factor_temporal + 1
-    teacher = load_policy("tiny-wan", num_frames=pixel_frames)
-    cs = student.transformer.config.chunk_size
-    prompt = "a red circle moving right on a dark background"
-    rows: dict[str, list[dict[str, float]]] = {"stream": [], "bidirectional_20": [], "bidirectional_4": []}
-    for rep in range(a.reps):  # interleaved: one of each per repetition
-        st = stream(student, prompt, frames, seed=rep, num_steps=4)
-        rows["stream"].append({"ttfc": st.time_to_first_chunk, "total": st.chunk_seconds[-1]})
-        for steps in (20, 4):
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                lat = sample_videos(teacher, [prompt], [rep], steps)
-                teacher.decode(lat)
-            total = time.perf_counter() - t0
-            rows[f"bidirectional_{steps}"].append({"ttfc": total, "total": total})
-    n_chunks = frames // cs
-
-    def summ(rs: list[dict[str, float]]) -> dict[str, Any]:
-        ttfc = [r["ttfc"] for r in rs]
-        thr = [n_chunks / r["total"] for r in rs]
-        return {"time_to_first_chunk_s": {"median": round(statistics.median(ttfc), 4), "min": round(min(ttfc), 4),
-                                          "max": round(max(ttfc), 4)},
-                "chunks_per_s": {"median": round(statistics.median(thr), 3), "min": round(min(thr), 3),
-                                 "max": round(max(thr), 3)}}
-
-    res = {"command": "python benchmarks/reward_forcing/experiments.py stream " + " ".join(sys.argv[2:]),
-           "latent_frames": frames, "training_latent_frames": train_frames, "pixel_frames": pixel_frames,
-           "chunk_size": cs, "chunks": n_chunks, "reps_interleaved": a.reps,
-           "note": "bidirectional = the teacher generating the whole 3x clip at once (its first frame exists only "
-                   "when the clip is done); chunks/s counts the same chunk size for both",
-           **{k: summ(v) for k, v in rows.items()}}
-    _save("stream", res)
-    return 0
+    return cmd_stream(["--model", str(STAGE1 / "model_ema"), "--length", "3", "--reps", str(a.reps),
+                       "--out", str(RESULTS / "stream.gif"), "--json", str(RESULTS / "stream.json")])
 
 
 def main(argv: list[str] | None = None) -> int:
