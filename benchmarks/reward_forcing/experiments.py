@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -107,10 +106,13 @@ def motion(videos: Tensor) -> Tensor:
     return (videos[:, :, 1:] - videos[:, :, :-1]).abs().flatten(1).mean(1)
 
 
-def _mean_se(xs: list[float]) -> dict[str, float]:
-    m = statistics.fmean(xs)
-    se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
-    return {"mean": round(m, 5), "se": round(se, 5), "n": len(xs), "values": [round(x, 5) for x in xs]}
+def _mean_se(xs: list[float]) -> dict[str, Any]:
+    """Mean and standard error (:func:`trl_video.stats.mean_sem`; NaN s.e. for one value), values kept."""
+    from trl_video.stats import mean_sem
+
+    ms = mean_sem(torch.tensor(xs, dtype=torch.float64))
+    se = ms["sem"] if len(xs) > 1 else float("nan")
+    return {"mean": round(ms["mean"], 5), "se": round(se, 5), "n": len(xs), "values": [round(x, 5) for x in xs]}
 
 
 def _save(name: str, res: dict[str, Any]) -> Path:
