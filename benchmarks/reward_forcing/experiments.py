@@ -266,13 +266,20 @@ def plot_ode(res: dict[str, Any], out: Path) -> None:
 # ----------------------------------------------------------------------------------------------- stage 2
 @torch.no_grad()
 def _reward_eval(policy: Any, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
+    """Held-out: the trained reward (last frame), the whole-video alignment, the motion (mean |frame difference|,
+    which also counts flicker) and the world classifiers' accuracies (motion_acc: the centroid moves the named
+    way, i.e. real motion)."""
     from trl_video.components.rewards import AlignmentReward
+    from trl_video.world import Caption
 
+    score_videos = import_benchmark("assets", "pretrain").score_videos  # the asset builder's helpers
     vids = student_videos(policy, prompts, seeds)
     r = AlignmentReward()
     last = r(vids[:, :, -1:], prompts).float()
+    sc = score_videos(vids, [Caption.parse(p) for p in prompts])
     return {"last_frame_reward": float(last.mean()), "video_alignment": float(r(vids, prompts).mean()),
-            "motion": float(motion(vids).mean()), "per_pair_last_frame_reward": [round(float(x), 5) for x in last]}
+            "motion": float(motion(vids).mean()), "color_acc": sc["color_acc"], "motion_acc": sc["motion_acc"],
+            "per_pair_last_frame_reward": [round(float(x), 5) for x in last]}
 
 
 def run_reward(a: argparse.Namespace) -> int:
@@ -287,7 +294,7 @@ def run_reward(a: argparse.Namespace) -> int:
     runs: dict[str, list[dict[str, Any]]] = {}
 
     def results() -> dict[str, Any]:
-        keys = ("last_frame_reward", "video_alignment", "motion")
+        keys = ("last_frame_reward", "video_alignment", "motion", "color_acc", "motion_acc")
         summary = {mode: {k: _mean_se([r[k] for r in rs]) for k in keys} for mode, rs in runs.items()}
         gains = {mode: {k: _mean_se([r[k] - base[k] for r in rs]) for k in keys} for mode, rs in runs.items()}
         return {"command": "python benchmarks/reward_forcing/experiments.py reward " + " ".join(sys.argv[2:]),
@@ -323,7 +330,35 @@ def run_reward(a: argparse.Namespace) -> int:
             print(mode, seed, ev, flush=True)
             runs.setdefault(mode, []).append(ev)
             _save(a.name, results())  # after every run: partial results survive an interruption
+            (RESULTS / f"{a.name}.md").write_text(reward_table(results()))
     return 0
+
+
+def reward_table(res: dict[str, Any]) -> str:
+    """The stage-2 results file as a markdown table: before, then each mode's after (mean +- s.e. over seeds)."""
+    keys = [k for k in ("last_frame_reward", "video_alignment", "motion", "color_acc", "motion_acc")
+            if all(k in v for v in res["after"].values())]
+    head = {"last_frame_reward": "held-out reward R(last frame)", "video_alignment": "whole-video alignment",
+            "motion": "motion (mean abs frame diff)", "color_acc": "colour acc", "motion_acc": "motion acc"}
+    lines = [f"Stage 2 on tiny-wan from `{res['start']}`: {res['steps']} steps, lr {res['lr']}, batch {res['batch']}, "
+             f"{res['heldout_pairs']} held-out (caption, seed) pairs; after = EMA weights, mean +- s.e. over "
+             f"training seeds (n shown). Command: `{res['command']}`.", "",
+             "| | " + " | ".join(head[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|",
+             "| before (stage-1 model) | " + " | ".join(f"{res['before'][k]:.4f}" for k in keys if k in res["before"])
+             + " |"]
+    for mode, v in res["after"].items():
+        n = v[keys[0]]["n"]
+        lines.append(f"| {mode} frame{'s' if mode == 'random' else ''} (n={n} seeds) | "
+                     + " | ".join(f"{v[k]['mean']:.4f} +- {v[k]['se']:.4f}" for k in keys) + " |")
+    for mode, v in res["gain_vs_before"].items():
+        lines.append(f"| gain, {mode} | " + " | ".join(f"{v[k]['mean']:+.4f} +- {v[k]['se']:.4f}" for k in keys
+                                                     if k in res["before"]) + " |")
+    lines += ["", "Per run, the held-out reward gain over the same pairs (paired s.e. over pairs):", ""]
+    for mode, rs in res["runs"].items():
+        lines.append(f"* {mode}: " + ", ".join(f"seed {i}: {r['last_frame_gain_over_pairs']['mean']:+.4f} +- "
+                                                f"{r['last_frame_gain_over_pairs']['se']:.4f}"
+                                                for i, r in enumerate(rs)))
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------- streaming
@@ -352,10 +387,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--eval-seeds", type=int, default=2)
     r.add_argument("--name", default="reward_last_vs_random")
     sub.add_parser("plot-ode", help="redraw results/ode_init.png from results/ode_init.json")
+    t = sub.add_parser("table-reward", help="rewrite results/NAME.md from results/NAME.json")
+    t.add_argument("name", nargs="?", default="reward_last_vs_random")
     s = sub.add_parser("stream")
     s.add_argument("--reps", type=int, default=5)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if a.cmd == "table-reward":
+        (RESULTS / f"{a.name}.md").write_text(reward_table(json.loads((RESULTS / f"{a.name}.json").read_text())))
+        print((RESULTS / f"{a.name}.md").read_text())
+        return 0
     if a.cmd == "plot-ode":
         plot_ode(json.loads((RESULTS / "ode_init.json").read_text()), RESULTS / "ode_init.png")
         return 0
