@@ -299,7 +299,7 @@ def run_reward(a: argparse.Namespace) -> int:
         gains = {mode: {k: _mean_se([r[k] - base[k] for r in rs]) for k in keys} for mode, rs in runs.items()}
         return {"command": "python benchmarks/reward_forcing/experiments.py reward " + " ".join(sys.argv[2:]),
                 "start": str(start.relative_to(REPO)), "steps": a.steps, "lr": a.lr, "batch": a.batch,
-                "dmd_weight": a.dmd_weight, "seeds_done": min((len(rs) for rs in runs.values()), default=0),
+                "dmd_weight": a.dmd_weight, "grad": a.grad, "seeds_done": min((len(rs) for rs in runs.values()), default=0),
                 "heldout_pairs": len(prompts),
                 "before": {k: round(v, 5) for k, v in base.items() if k != "per_pair_last_frame_reward"},
                 "after": summary, "gain_vs_before": gains, "runs": runs}
@@ -307,13 +307,13 @@ def run_reward(a: argparse.Namespace) -> int:
     for seed in range(a.seeds):  # seeds outer: an interrupted run still holds paired modes
         for mode in a.modes:
             over: dict[str, Any] = {"method_args": {"frames": mode}}
-            if mode == "random" or a.dmd_weight > 0:
+            if mode == "random" or a.dmd_weight > 0 or a.grad == "all":
                 over["sampler_args"] = {"grad": "all"}
             if a.dmd_weight > 0:
                 over["method_args"]["dmd_weight"] = a.dmd_weight
             recipe = _recipe("reward_forcing_reward.yaml", model=str(start), seed=seed, max_steps=a.steps,
                              learning_rate=a.lr, prompts_per_step=a.batch, report_to="none", save_model_at_end=False,
-                             output_dir=str(REPO / f"out/tiny/reward_forcing_{mode}_s{seed}"), **over)
+                             output_dir=str(REPO / f"out/tiny/{a.name}_{mode}_s{seed}"), **over)
             out = Path(recipe["output_dir"])
             if out.exists():
                 import shutil
@@ -384,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--lr", type=float, default=3e-5)
     r.add_argument("--batch", type=int, default=8, help="prompts per step")
     r.add_argument("--dmd-weight", type=float, default=0.0)
+    r.add_argument("--grad", choices=["auto", "all"], default="auto",
+                   help="sampler grad: auto = last chunk for last-frame rewards, every chunk for random frames / DMD; "
+                        "all = every chunk for every mode (separates the frame choice from where the graph is kept)")
     r.add_argument("--eval-seeds", type=int, default=2)
     r.add_argument("--name", default="reward_last_vs_random")
     sub.add_parser("plot-ode", help="redraw results/ode_init.png from results/ode_init.json")
