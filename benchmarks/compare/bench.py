@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -115,31 +116,33 @@ def worker_main(argv: list[str]) -> int:
         by_step[row["step"]] = {"seconds": cum, **{k: row[k] for k in ("nfe", "nfe_sampler", "samples_generated")}}
     for e in evals:
         e.update(by_step[e["step"]])
-    result = {"method": rec["method"], "recipe": a.recipe, "seed": a.seed, "max_steps": trainer.config.max_steps,
+    result = {"name": Path(a.recipe).stem, "method": rec["method"], "recipe": a.recipe, "seed": a.seed, "max_steps": trainer.config.max_steps,
               "evals": evals, "train_rewards": [row.get("reward_mean") for row in rows],
               "peak_train_memory_mb": max(row["peak_memory_mb"] for row in rows), "peak_eval_memory_mb": eval_peak[0],
-              "process_seconds_incl_evals": elapsed}
+              "process_seconds_incl_evals": elapsed, "load_average_at_end": os.getloadavg()[0]}
     (out / "run.json").write_text(json.dumps(result, indent=1))
     for ck in (out / "train").glob("checkpoint-*"):  # the final checkpoint is not part of the results
         shutil.rmtree(ck)
     return 0
 
 
-def _run_one(recipe: Path, seed: int, a: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """The worker in a fresh process (its own peak memory, nothing shared with the other rows)."""
+def _run_one(recipe: Path, seed: int, a: argparse.Namespace, out: Path, root: Path) -> dict[str, Any]:
+    """The worker in a fresh process (its own peak memory, nothing shared with the other rows), run from the
+    repository root (recipes name their auxiliary files relative to it)."""
     cmd = [sys.executable, "-c", "import sys; from trl_video.bench_discovery import import_benchmark; "
            "sys.exit(import_benchmark('compare').worker_main(sys.argv[1:]))",
-           "--recipe", str(recipe), "--seed", str(seed), "--eval-every", str(a.eval_every),
+           "--recipe", str(recipe.resolve()), "--seed", str(seed), "--eval-every", str(a.eval_every),
            "--eval-prompts", str(a.eval_prompts), "--eval-num-steps", str(a.eval_num_steps), "--reward", a.reward,
-           "--out", str(out)]
+           "--out", str(out.resolve())]
     if a.steps:
         cmd += ["--steps", str(a.steps)]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "log.txt", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                              env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(a.threads)})
     if proc.returncode != 0 or not (out / "run.json").exists():
         tail = [ln for ln in (out / "log.txt").read_text().splitlines() if ln.strip()][-1:] or ["no output"]
-        return {"method": yaml.safe_load(recipe.read_text())["method"], "seed": seed, "evals": [],
+        return {"name": recipe.stem, "method": yaml.safe_load(recipe.read_text())["method"], "seed": seed, "evals": [],
                 "error": f"exit {proc.returncode}: {tail[0][:200]}"}
     return dict(json.loads((out / "run.json").read_text()))
 
@@ -153,41 +156,73 @@ def plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
     import numpy as np
 
     ok = [r for r in runs if not r.get("error") and r["evals"]]
-    methods = list(dict.fromkeys(r["method"] for r in ok))
+    names = list(dict.fromkeys(r["name"] for r in ok))
     written = []
-    for axis, label, name in (("seconds", "training wall-clock (s)", "reward_vs_seconds.png"),
-                              ("nfe_sampler", "sampler NFE (transformer calls x samples)", "reward_vs_nfe.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for m in methods:
-            rs = [r for r in ok if r["method"] == m]
+    for axis, label, fname in (("seconds", "training wall-clock (s)", "reward_vs_seconds.png"),
+                               ("nfe_sampler", "sampler NFE (transformer calls x samples)", "reward_vs_nfe.png")):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for m in names:
+            rs = [r for r in ok if r["name"] == m]
             x_max = min(r["evals"][-1][axis] for r in rs)
             grid = np.linspace(0.0, x_max, 50)
             ys = np.array([np.interp(grid, [e[axis] for e in r["evals"]], [e["reward"] for e in r["evals"]])
                            for r in rs])
             (line,) = ax.plot(grid, ys.mean(0), label=f"{m} ({len(rs)} seeds)")
             if len(rs) > 1:
-                ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+                ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.12)
         ax.set_xlabel(label)
         ax.set_ylabel("held-out reward")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+        fig.savefig(out / fname, dpi=110)
         plt.close(fig)
-        written.append(name)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for m in methods:
-        pts = [(e["frechet_distance"], e["reward"]) for r in ok if r["method"] == m for e in r["evals"][1:]
+        written.append(fname)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for m in names:
+        pts = [(e["frechet_distance"], e["reward"]) for r in ok if r["name"] == m for e in r["evals"][1:]
                if e["frechet_distance"] is not None]
         if pts:
-            ax.scatter(*zip(*pts), label=m, s=14)
+            ax.scatter(*zip(*pts), label=m, s=12)
     ax.set_xlabel("Frechet distance to the world's reference clips (lower: closer)")
     ax.set_ylabel("held-out reward")
     ax.set_title("reward vs distance (every eval point of every seed)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "reward_vs_distance.png", dpi=110)
     plt.close(fig)
     return [*written, "reward_vs_distance.png"]
+
+
+# ------------------------------------------------------------------------------------------------ set-up steps
+def run_setup(recipes: list[Path], root: Path, threads: int) -> dict[str, float]:
+    """One-off preparation a row needs before training (``recipes/compare/setup.yaml``: VELR's latent reward model
+    is built from pixel-reward labels and pre-trained). Skipped when its output exists. Returns the seconds each
+    row's set-up took in this run (0.0 if it was already there), which the claims add to that row's cost."""
+    spec_file = root / "recipes" / "compare" / "setup.yaml"
+    specs = yaml.safe_load(spec_file.read_text()) if spec_file.is_file() else {}
+    took: dict[str, float] = {}
+    for r in recipes:
+        spec = (specs or {}).get(r.stem)
+        if not spec:
+            continue
+        if (root / spec["creates"]).exists():
+            print(f"set-up of {r.stem}: {spec['creates']} exists, not rebuilt (its build time is in setup.yaml's "
+                  "notes, not measured in this run)", flush=True)
+            took[r.stem] = float("nan")
+            continue
+        t0 = time.perf_counter()
+        for cmd in spec["commands"]:
+            print(f"set-up of {r.stem}: {cmd}", flush=True)
+            proc = subprocess.run(["trl-video", *cmd.split()[1:]] if cmd.startswith("trl-video ") else cmd.split(),
+                                  cwd=root, env={**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if proc.returncode != 0:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                print(f"set-up of {r.stem} failed ({tail[:200]}); its row will report the error", flush=True)
+                break
+        took[r.stem] = time.perf_counter() - t0
+        print(f"set-up of {r.stem}: {took[r.stem]:.0f} s", flush=True)
+    return took
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -196,7 +231,8 @@ def compare_main(argv: list[str]) -> int:
     ap.add_argument("recipes", nargs="*", help="recipe files (default: recipes/compare/*.yaml)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (each row's seed)")
     ap.add_argument("--steps", type=int, help="override every recipe's max_steps (keeps the budget equal)")
-    ap.add_argument("--baseline", default="flow-grpo", help="the method (recipe `method`) ratios are taken to")
+    ap.add_argument("--baseline", default="flow_grpo",
+                    help="the row (recipe file stem, e.g. flow_grpo) the table's ratios are taken to")
     ap.add_argument("--target-gain", type=float, default=0.025,
                     help="target = base model's held-out reward + this, fixed before the runs (default: half of "
                          "flow-grpo's +0.049 held-out gain in 16 steps, benchmarks/rsm/results, measured earlier)")
@@ -204,12 +240,17 @@ def compare_main(argv: list[str]) -> int:
     ap.add_argument("--eval-prompts", type=int, default=16, help="held-out (prompt, seed) pairs, same for all")
     ap.add_argument("--eval-num-steps", type=int, default=10)
     ap.add_argument("--reward", default="alignment", help="the pixel reward every method is scored with")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once, each in its own process with --threads threads (2 x 1 thread on 2 cores)")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                    help="torch threads per run (default $OMP_NUM_THREADS or 1)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: flow_grpo, refl, nft; 1 seed; 4 steps; eval every 2 on 8 pairs")
     ap.add_argument("--out", help="default benchmarks/compare/results/{default,quick}")
     a = ap.parse_args(argv)
     root = Path(__file__).resolve().parents[2]
-    recipes = [Path(r) for r in a.recipes] or sorted((root / "recipes" / "compare").glob("*.yaml"))
+    recipes = [Path(r).resolve() for r in a.recipes] or sorted((root / "recipes" / "compare").glob("*.yaml"))
+    recipes = [r for r in recipes if r.name != "setup.yaml"]
     if a.quick:
         recipes = [r for r in recipes if r.stem in QUICK_METHODS] if not a.recipes else recipes
         a.seeds, a.steps = a.seeds[:1], a.steps or 4
@@ -218,35 +259,45 @@ def compare_main(argv: list[str]) -> int:
     if missing or not recipes:
         print(f"error: recipe not found: {', '.join(missing) or 'recipes/compare/*.yaml'}", file=sys.stderr)
         return 2
+    if a.jobs < 1 or a.threads < 1:
+        print(f"error: --jobs and --threads must be >= 1, got {a.jobs} and {a.threads}", file=sys.stderr)
+        return 2
     out = Path(a.out) if a.out else root / "benchmarks" / "compare" / "results" / ("quick" if a.quick else "default")
     out.mkdir(parents=True, exist_ok=True)
     recs = {r: yaml.safe_load(r.read_text()) for r in recipes}
-    methods = [rec["method"] for rec in recs.values()]
-    if a.baseline not in methods:
-        print(f"error: --baseline '{a.baseline}' is none of the recipes' methods {methods}", file=sys.stderr)
+    names = [r.stem for r in recipes]
+    if a.baseline not in names:
+        print(f"error: --baseline '{a.baseline}' is none of the rows {names} (recipe file stems)", file=sys.stderr)
         return 2
     print("Budget (equal optimiser steps x fresh rollouts per step; NFE measured, not equalised):")
     budgets = {}
     for r, rec in recs.items():
         steps = a.steps or int(rec.get("max_steps", 0))
-        budgets[rec["method"]] = (steps, _recipe_samples_per_step(rec))
-        print(f"  {rec['method']:<14} {r.name:<22} {steps} steps x {budgets[rec['method']][1]} rollouts = "
-              f"{steps * budgets[rec['method']][1]} samples")
+        budgets[r.stem] = (steps, _recipe_samples_per_step(rec))
+        print(f"  {r.stem:<15} {rec['method']:<14} {steps} steps x {budgets[r.stem][1]} rollouts = "
+              f"{steps * budgets[r.stem][1]} samples")
     if len(set(budgets.values())) > 1:
         print("  warning: the recipes' budgets differ", flush=True)
     print(f"Target: held-out {a.reward} >= base reward (step-0 eval, same base and pairs for every method) "
-          f"+ {a.target_gain}; baseline `{a.baseline}`; seeds {a.seeds}"
-          + ("  [QUICK SMOKE RUN: not evidence for any claim]" if a.quick else ""), flush=True)
-    runs = []
-    for seed in a.seeds:
-        for r, rec in recs.items():
-            t0 = time.perf_counter()
-            run = _run_one(r, seed, a, out / "runs" / f"{rec['method']}-s{seed}")
-            runs.append(run)
-            msg = run.get("error") or (f"held-out {run['evals'][0]['reward']:.4f} -> {run['evals'][-1]['reward']:.4f}, "
-                                       f"sampler NFE {run['evals'][-1]['nfe_sampler']}, "
-                                       f"peak {run['peak_train_memory_mb']:.0f} MiB")
-            print(f"seed {seed} {rec['method']:<14} {time.perf_counter() - t0:6.0f} s  {msg}", flush=True)
+          f"+ {a.target_gain}; baseline `{a.baseline}`; seeds {a.seeds}; {a.jobs} run(s) at once x {a.threads} "
+          "thread(s)" + ("  [QUICK SMOKE RUN: not evidence for any claim]" if a.quick else ""), flush=True)
+    setup_seconds = run_setup(recipes, root, a.threads)
+    order = [(seed, r) for seed in a.seeds for r in recipes]  # seeds outermost: load drift spreads over every row
+
+    def one(item: tuple[int, Path]) -> dict[str, Any]:
+        seed, r = item
+        t0 = time.perf_counter()
+        run = _run_one(r, seed, a, out / "runs" / f"{r.stem}-s{seed}", root)
+        msg = run.get("error") or (f"held-out {run['evals'][0]['reward']:.4f} -> {run['evals'][-1]['reward']:.4f}, "
+                                   f"sampler NFE {run['evals'][-1]['nfe_sampler']}, "
+                                   f"peak {run['peak_train_memory_mb']:.0f} MiB, load {run['load_average_at_end']:.1f}")
+        print(f"seed {seed} {r.stem:<15} {time.perf_counter() - t0:6.0f} s  {msg}", flush=True)
+        return run
+
+    t_all = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # threads only wait on the worker processes
+        runs = list(pool.map(one, order))
+    print(f"all runs: {time.perf_counter() - t_all:.0f} s wall-clock", flush=True)
     base_rewards = [r["evals"][0]["reward"] for r in runs if not r.get("error") and r["evals"]]
     if not base_rewards:
         print("error: every run failed (see runs/*/log.txt)", file=sys.stderr)
@@ -254,10 +305,13 @@ def compare_main(argv: list[str]) -> int:
     base = sum(base_rewards) / len(base_rewards)
     target = base + a.target_gain
     summary = analysis.summarise(runs, a.baseline, target)
-    summary.update(args={k: v for k, v in vars(a).items()}, recipes=[str(r) for r in recipes], base_reward=base,
+    claims = analysis.claims(runs, analysis.SEED_CLAIMS, target, setup_seconds)
+    summary.update(args={k: v for k, v in vars(a).items()}, recipes=[str(r.relative_to(root)) if r.is_relative_to(root)
+                                                                     else str(r) for r in recipes],
+                   base_reward=base, setup_seconds=setup_seconds, claims=claims,
                    budget={m: {"steps": s, "rollouts_per_step": n} for m, (s, n) in budgets.items()},
-                   smoke_run=bool(a.quick))
-    md = analysis.markdown(summary)
+                   wall_seconds_all_runs=time.perf_counter() - t_all, smoke_run=bool(a.quick))
+    md = analysis.markdown(summary) + "\n\n" + analysis.claims_markdown(claims)
     if a.quick:
         md = "**Smoke run (`--quick`): 1 seed, 4 steps — checks the machinery, not evidence for any claim.**\n\n" + md
     (out / "compare.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1, default=str))

@@ -72,3 +72,42 @@ def test_time_and_nfe_to_target_and_ratios_on_a_synthetic_log():
     md = A.markdown(A.summarise(runs, "base", target))
     assert all(line.count("|") == 14 for line in md.splitlines() if line.startswith("|"))  # 11 + method, seeds
     assert "| `fast` | 2 |" in md and "[0.90x ± 0.99]" in md and "never" in md and "failed: s1: error: boom" in md
+
+
+def test_claims_speedups_on_a_synthetic_log():
+    """Seed-claim speedups by hand: baseline cost / method cost, to the common target and to the baseline's own
+    final reward of the same seed, one-off set-up seconds added to the method's wall-clock."""
+    target = 0.15
+    runs = [
+        run("base", 0, [0.10, 0.12, 0.18, 0.20], [0, 20, 40, 60], nfe_per_step=48, peak=100.0),
+        run("base", 1, [0.10, 0.20, 0.22, 0.24], [0, 10, 20, 30], nfe_per_step=48, peak=120.0),
+        run("fast", 0, [0.10, 0.20, 0.25, 0.30], [0, 12, 24, 36], nfe_per_step=24, peak=50.0),
+        run("fast", 1, [0.10, 0.15, 0.25, 0.30], [0, 8, 16, 24], nfe_per_step=24, peak=90.0),
+        run("slow", 0, [0.10, 0.11, 0.12, 0.13], [0, 5, 10, 15], nfe_per_step=10, peak=10.0),
+    ]
+    for r in runs:
+        r["name"] = r["method"]
+    specs = [{"claim": "fast vs base", "row": "fast", "baseline": "base", "paper": "x", "paper_speedup": 3.0},
+             {"claim": "slow vs base", "row": "slow", "baseline": "base", "paper": "y", "paper_speedup": None},
+             {"claim": "absent", "row": "nope", "baseline": "base", "paper": "z", "paper_speedup": None}]
+    got = A.claims(runs, specs, target, setup_seconds={"fast": 2.0, "base": float("nan")})
+    assert [c["claim"] for c in got] == ["fast vs base", "slow vs base"]  # a claim whose row never ran is left out
+    fast, slow = got
+    # (a) common target: base 30 s / 5 s; fast 6 s / 8 s, +2 s set-up each -> 30/8, 5/10
+    assert fast["speedup_common_target_seconds"]["per_seed"] == {0: pytest.approx(30 / 8), 1: pytest.approx(0.5)}
+    # sampler NFE (no set-up): base 144 / 48, fast 24 / 48
+    assert fast["speedup_common_target_nfe_sampler"]["per_seed"] == {0: pytest.approx(6.0), 1: pytest.approx(1.0)}
+    # (b) base's own final reward: seed 0 0.20 at base's 60 s / 288 NFE; fast reaches 0.20 at step 2 (12 s, 48 NFE)
+    #     seed 1: 0.24 at 30 s / 288 NFE; fast: 0.15 (step 2, 8 s) -> 0.25 (step 4, 16 s): 0.24 at 15.2 s, step 3.8
+    assert fast["speedup_baseline_final_seconds"]["per_seed"] == {0: pytest.approx(60 / 14), 1: pytest.approx(30 / 17.2)}
+    assert fast["speedup_baseline_final_nfe_sampler"]["per_seed"] == {0: pytest.approx(288 / 48),
+                                                                      1: pytest.approx(288 / (3.8 * 24))}
+    assert fast["gain_row"]["mean"] == pytest.approx(0.2) and fast["gain_baseline"]["mean"] == pytest.approx(0.12)
+    assert fast["memory_ratio"]["mean"] == pytest.approx((0.5 + 0.75) / 2)
+    # slow never gets there: counted as not reached, no number
+    assert slow["seeds"] == [0]
+    assert slow["speedup_baseline_final_seconds"] == {"mean": None, "sd": None, "n": 0, "reached": 0, "of": 1,
+                                                      "per_seed": {0: None}}
+    md = A.claims_markdown(got)
+    assert "not reached (0/1)" in md and "| fast vs base (`fast` / `base`) | x | 2 |" in md
+    assert all(line.count("|") == 11 for line in md.splitlines() if line.startswith("|"))
