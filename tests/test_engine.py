@@ -349,3 +349,19 @@ def test_nfe_and_samples_generated_are_logged_cumulatively(tmp_path):
     m2 = tr.training_step()
     assert m2["nfe_sampler"] == 8 and m2["samples_generated"] == 4
     assert m2["nfe"] == sum(calls) - 3 == 2 * m1["nfe"]
+
+
+def test_auxiliary_trainables_forwards_are_logged_as_nfe_aux(tmp_path):
+    """FCRM trains an auxiliary baseline net (`b_phi`): its forwards in training steps are counted in `nfe_aux`
+    (batch rows, cumulative), checked against an independent hook; a method without one logs 0."""
+    tr = VideoRewardTrainer(small_config(tmp_path, method="fcrm", sampler="ode", estimator="group", group_size=2,
+                                         sampler_args={"num_steps": 2}))
+    aux = tr.groups["b_phi"].module
+    rows: list[int] = []
+    aux.register_forward_pre_hook(lambda mod, args, kw: rows.append(
+        int((kw or {}).get("hidden_states", args[0] if args else next(iter(kw.values()))).shape[0])), with_kwargs=True)
+    m1 = tr.training_step()
+    assert m1["nfe_aux"] == sum(rows) > 0
+    m2 = tr.training_step()
+    assert m2["nfe_aux"] == sum(rows) > m1["nfe_aux"]
+    assert VideoRewardTrainer(small_config(tmp_path / "refl")).training_step()["nfe_aux"] == 0

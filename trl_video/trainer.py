@@ -323,6 +323,9 @@ class VideoRewardTrainer:
         # compute accounting, logged cumulatively (``nfe``, ``nfe_sampler``, ``samples_generated``): the policy
         # transformer's forwards during training steps, whatever the method
         self.nfe = ForwardCounter(self.policy.transformer)
+        # and the forwards of the loss's auxiliary trainables (a fake score, a reward-model ensemble, a baseline
+        # net), logged summed as ``nfe_aux``: a method's compute is not only its policy calls
+        self.nfe_aux = [ForwardCounter(g.module) for g in aux.values()]
         self.samples_generated = 0
 
     # ------------------------------------------------------------------ helpers
@@ -508,7 +511,9 @@ class VideoRewardTrainer:
         skipped: dict[str, int] = {}
         phases: list[Phase] = self.loss.phases(self.global_step)
         accum = cfg.gradient_accumulation_steps
-        with self.nfe.counting():
+        with contextlib.ExitStack() as counting:
+            for counter in (self.nfe, *self.nfe_aux):
+                counting.enter_context(counter.counting())
             for phase in phases:
                 unknown = [g for g in phase.groups if g not in self.groups]
                 if unknown:
@@ -557,14 +562,15 @@ class VideoRewardTrainer:
         rewards = torch.cat(stats["reward"]).float() if stats["reward"] else None
         n_samples = 0 if rewards is None else len(rewards)
         peak = peak_memory_mb(self.accelerator.device)
-        counts = [float(self.nfe.total), float(self.nfe.sampler), float(self.samples_generated)]
+        counts = [float(self.nfe.total), float(self.nfe.sampler), float(self.samples_generated),
+                  float(sum(c.total for c in self.nfe_aux))]
         row = torch.tensor([*local, float(n_samples), *counts, seconds, peak], dtype=torch.float64)
         if self.accelerator.num_processes > 1:
             rows = self.accelerator.gather(row.to(self.accelerator.device).unsqueeze(0)).cpu()
             if rewards is not None:
                 rewards = self.ctx.gather(rewards)
             means, total_samples = rows[:, :len(keys)].mean(0), float(rows[:, len(keys)].sum())
-            counts = rows[:, len(keys) + 1:len(keys) + 4].sum(0).tolist()  # cumulative per rank -> whole run
+            counts = rows[:, len(keys) + 1:len(keys) + 5].sum(0).tolist()  # cumulative per rank -> whole run
             seconds, peak = float(rows[:, -2].max()), float(rows[:, -1].max())
         else:
             means, total_samples = row[:len(keys)], float(n_samples)
@@ -575,7 +581,7 @@ class VideoRewardTrainer:
             metrics["samples_per_second"] = total_samples / seconds
         metrics["seconds"] = seconds
         metrics["peak_memory_mb"] = peak
-        metrics["nfe"], metrics["nfe_sampler"], metrics["samples_generated"] = counts
+        metrics["nfe"], metrics["nfe_sampler"], metrics["samples_generated"], metrics["nfe_aux"] = counts
         return metrics
 
     # ------------------------------------------------------------------ loop
@@ -731,7 +737,8 @@ class VideoRewardTrainer:
             (tmp / "trainer_state.json").write_text(json.dumps(
                 {"global_step": self.global_step, **self.written_recipe(), "data": self._data_fingerprint(),
                  "counts": {"nfe": self.nfe.total, "nfe_sampler": self.nfe.sampler,
-                            "samples_generated": self.samples_generated}},
+                            "samples_generated": self.samples_generated,
+                            "nfe_aux": [c.total for c in self.nfe_aux]}},
                 indent=2, default=str))
             from .checkpointing import write_manifest
 
@@ -865,6 +872,8 @@ class VideoRewardTrainer:
         counts = state.get("counts", {})
         self.nfe.total, self.nfe.sampler = int(counts.get("nfe", 0)), int(counts.get("nfe_sampler", 0))
         self.samples_generated = int(counts.get("samples_generated", 0))
+        for counter, total in zip(self.nfe_aux, counts.get("nfe_aux", [])):
+            counter.total = int(total)
 
     def _apply_recipe_over_restored_state(self) -> None:
         """After a checkpoint's optimiser/scheduler/EMA states are loaded, put this recipe's hyperparameters back:

@@ -182,9 +182,13 @@ def claims(runs: list[dict[str, Any]], specs: list[dict[str, Any]], target: floa
         for goal in ("common_target", "baseline_final"):
             for ax in ("seconds", "nfe_sampler", "nfe"):
                 speedups: dict[int, float | None] = {}
+                undefined = []  # (b) on a seed where the baseline ended no higher than it started: nothing to reach
                 for s in seeds:
                     m, b = rows["row"][s], rows["baseline"][s]
                     y = target if goal == "common_target" else b["evals"][-1]["reward"]
+                    if goal == "baseline_final" and y <= b["evals"][0]["reward"]:
+                        undefined.append(s)
+                        continue
                     xm = crossing([e[ax] for e in m["evals"]], [e["reward"] for e in m["evals"]], y)
                     xb = (crossing([e[ax] for e in b["evals"]], [e["reward"] for e in b["evals"]], y)
                           if goal == "common_target" else b["evals"][-1][ax])
@@ -193,8 +197,9 @@ def claims(runs: list[dict[str, Any]], specs: list[dict[str, Any]], target: floa
                         xb = None if xb is None else xb + extra["baseline"]
                     speedups[s] = (None if xm is None or xb is None or xm <= 0 else float(xb) / float(xm))
                 finite = [v for v in speedups.values() if v is not None]
-                res[f"speedup_{goal}_{ax}"] = {**mean_sd(finite), "reached": len(finite), "of": len(seeds),
-                                               "per_seed": speedups}
+                res[f"speedup_{goal}_{ax}"] = {**mean_sd(finite), "reached": len(finite),
+                                               "of": len(seeds) - len(undefined), "per_seed": speedups,
+                                               "baseline_did_not_gain": undefined}
         out.append(res)
     return out
 
@@ -203,10 +208,14 @@ def claims_markdown(rows: list[dict[str, Any]]) -> str:
     """The claims table: measured speedups (baseline cost / method cost, mean ± sd over the seeds where both
     reached) next to the paper's figure."""
     def cell(c: dict[str, Any]) -> str:
+        if c["of"] == 0:
+            return "n/a (baseline did not gain)"
         if c["mean"] is None:
             return f"not reached (0/{c['of']})"
         s = f"{c['mean']:.2f}x" + (f" ± {c['sd']:.2f}" if c["sd"] is not None else "")
-        return s + (f" ({c['reached']}/{c['of']} seeds)" if c["reached"] < c["of"] else "")
+        s += f" ({c['reached']}/{c['of']} seeds)" if c["reached"] < c["of"] else ""
+        return s + (f" (n/a on {len(c['baseline_did_not_gain'])}: baseline did not gain)"
+                    if c.get("baseline_did_not_gain") else "")
 
     def gain(c: dict[str, Any]) -> str:
         return f"{c['mean']:+.3f}" + (f" ± {c['sd']:.3f}" if c["sd"] is not None else "")

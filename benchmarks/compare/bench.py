@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -182,7 +183,8 @@ def plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
         pts = [(e["frechet_distance"], e["reward"]) for r in ok if r["name"] == m for e in r["evals"][1:]
                if e["frechet_distance"] is not None]
         if pts:
-            ax.scatter(*zip(*pts), label=m, s=12)
+            xs, ys = zip(*pts)
+            ax.scatter(xs, ys, label=m, s=12)
     ax.set_xlabel("Frechet distance to the world's reference clips (lower: closer)")
     ax.set_ylabel("held-out reward")
     ax.set_title("reward vs distance (every eval point of every seed)", fontsize=9)
@@ -194,34 +196,37 @@ def plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ set-up steps
-def run_setup(recipes: list[Path], root: Path, threads: int) -> dict[str, float]:
-    """One-off preparation a row needs before training (``recipes/compare/setup.yaml``: VELR's latent reward model
-    is built from pixel-reward labels and pre-trained). Skipped when its output exists. Returns the seconds each
-    row's set-up took in this run (0.0 if it was already there), which the claims add to that row's cost."""
+def setup_specs(recipes: list[Path], root: Path) -> dict[str, dict[str, Any]]:
+    """One-off preparation rows need before training (``recipes/compare/setup.yaml``; VELR's latent reward model
+    is built from pixel-reward labels and pre-trained), for the rows whose ``creates`` does not exist yet."""
     spec_file = root / "recipes" / "compare" / "setup.yaml"
-    specs = yaml.safe_load(spec_file.read_text()) if spec_file.is_file() else {}
-    took: dict[str, float] = {}
+    specs = (yaml.safe_load(spec_file.read_text()) if spec_file.is_file() else None) or {}
+    todo = {}
     for r in recipes:
-        spec = (specs or {}).get(r.stem)
-        if not spec:
-            continue
-        if (root / spec["creates"]).exists():
-            print(f"set-up of {r.stem}: {spec['creates']} exists, not rebuilt (its build time is in setup.yaml's "
-                  "notes, not measured in this run)", flush=True)
-            took[r.stem] = float("nan")
-            continue
-        t0 = time.perf_counter()
+        spec = specs.get(r.stem)
+        if spec and (root / spec["creates"]).exists():
+            print(f"set-up of {r.stem}: {spec['creates']} exists, not rebuilt (its build time is not measured in "
+                  "this run and not added to the row's cost)", flush=True)
+        elif spec:
+            todo[r.stem] = spec
+    return todo
+
+
+def run_setup(stem: str, spec: dict[str, Any], root: Path, threads: int, log: Path) -> float:
+    """Run one row's set-up commands from the repository root; returns its wall-clock seconds."""
+    t0 = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
         for cmd in spec["commands"]:
-            print(f"set-up of {r.stem}: {cmd}", flush=True)
-            proc = subprocess.run(["trl-video", *cmd.split()[1:]] if cmd.startswith("trl-video ") else cmd.split(),
-                                  cwd=root, env={**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"},
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            print(f"set-up of {stem}: {cmd}", flush=True)
+            proc = subprocess.run(cmd.split(), cwd=root, stdout=fh, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"})
             if proc.returncode != 0:
-                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                print(f"set-up of {r.stem} failed ({tail[:200]}); its row will report the error", flush=True)
+                print(f"set-up of {stem} failed (exit {proc.returncode}, see {log}); its rows will report the error",
+                      flush=True)
                 break
-        took[r.stem] = time.perf_counter() - t0
-        print(f"set-up of {r.stem}: {took[r.stem]:.0f} s", flush=True)
+    took = time.perf_counter() - t0
+    print(f"set-up of {stem}: {took:.0f} s", flush=True)
     return took
 
 
@@ -281,11 +286,25 @@ def compare_main(argv: list[str]) -> int:
     print(f"Target: held-out {a.reward} >= base reward (step-0 eval, same base and pairs for every method) "
           f"+ {a.target_gain}; baseline `{a.baseline}`; seeds {a.seeds}; {a.jobs} run(s) at once x {a.threads} "
           "thread(s)" + ("  [QUICK SMOKE RUN: not evidence for any claim]" if a.quick else ""), flush=True)
-    setup_seconds = run_setup(recipes, root, a.threads)
-    order = [(seed, r) for seed in a.seeds for r in recipes]  # seeds outermost: load drift spreads over every row
+    todo = setup_specs(recipes, root)
+    setup_seconds: dict[str, float] = {}
+    ready = {stem: threading.Event() for stem in todo}
+    # seeds outermost (load drift spreads over every row); rows that need a set-up go last, the set-up itself
+    # first, so it runs beside the other rows instead of holding every job
+    order: list[tuple[int, Path]] = [(-1, r) for r in recipes if r.stem in todo]
+    order += [(seed, r) for seed in a.seeds for r in recipes if r.stem not in todo]
+    order += [(seed, r) for seed in a.seeds for r in recipes if r.stem in todo]
 
     def one(item: tuple[int, Path]) -> dict[str, Any]:
         seed, r = item
+        if seed < 0:
+            try:
+                setup_seconds[r.stem] = run_setup(r.stem, todo[r.stem], root, a.threads, out / "setup" / f"{r.stem}.log")
+            finally:
+                ready[r.stem].set()
+            return {}
+        if r.stem in ready:
+            ready[r.stem].wait()
         t0 = time.perf_counter()
         run = _run_one(r, seed, a, out / "runs" / f"{r.stem}-s{seed}", root)
         msg = run.get("error") or (f"held-out {run['evals'][0]['reward']:.4f} -> {run['evals'][-1]['reward']:.4f}, "
@@ -296,7 +315,7 @@ def compare_main(argv: list[str]) -> int:
 
     t_all = time.perf_counter()
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # threads only wait on the worker processes
-        runs = list(pool.map(one, order))
+        runs = [run for run in pool.map(one, order) if run]
     print(f"all runs: {time.perf_counter() - t_all:.0f} s wall-clock", flush=True)
     base_rewards = [r["evals"][0]["reward"] for r in runs if not r.get("error") and r["evals"]]
     if not base_rewards:

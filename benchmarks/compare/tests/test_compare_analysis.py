@@ -107,7 +107,14 @@ def test_claims_speedups_on_a_synthetic_log():
     # slow never gets there: counted as not reached, no number
     assert slow["seeds"] == [0]
     assert slow["speedup_baseline_final_seconds"] == {"mean": None, "sd": None, "n": 0, "reached": 0, "of": 1,
-                                                      "per_seed": {0: None}}
+                                                      "per_seed": {0: None}, "baseline_did_not_gain": []}
+    # a baseline that ends no higher than it started leaves nothing to reach: n/a, not "reached at step 0"
+    flat = [run("flat", 0, [0.10, 0.12, 0.11, 0.09], [0, 5, 10, 15], nfe_per_step=10, peak=10.0), runs[2]]
+    for r in flat:
+        r["name"] = r["method"]
+    (na,) = A.claims(flat, [{**specs[0], "baseline": "flat"}], target)
+    assert na["speedup_baseline_final_seconds"]["of"] == 0 and na["speedup_baseline_final_seconds"]["per_seed"] == {}
+    assert "n/a (baseline did not gain)" in A.claims_markdown([na])
     md = A.claims_markdown(got)
     assert "not reached (0/1)" in md and "| fast vs base (`fast` / `base`) | x | 2 |" in md
     assert all(line.count("|") == 11 for line in md.splitlines() if line.startswith("|"))
