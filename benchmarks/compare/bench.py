@@ -149,6 +149,11 @@ def _run_one(recipe: Path, seed: int, a: argparse.Namespace, out: Path, root: Pa
 
 
 # ------------------------------------------------------------------------------------------------ plots
+def _style(i: int) -> dict[str, Any]:
+    """Row i's line: matplotlib's 10 colours, dashed from the 11th row on (12 rows must stay distinguishable)."""
+    return {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--"}
+
+
 def plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
     import matplotlib
 
@@ -168,7 +173,7 @@ def plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
             grid = np.linspace(0.0, x_max, 50)
             ys = np.array([np.interp(grid, [e[axis] for e in r["evals"]], [e["reward"] for e in r["evals"]])
                            for r in rs])
-            (line,) = ax.plot(grid, ys.mean(0), label=f"{m} ({len(rs)} seeds)")
+            (line,) = ax.plot(grid, ys.mean(0), label=f"{m} ({len(rs)} seeds)", **_style(names.index(m)))
             if len(rs) > 1:
                 ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.12)
         ax.set_xlabel(label)
@@ -184,7 +189,8 @@ def plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
                if e["frechet_distance"] is not None]
         if pts:
             xs, ys = zip(*pts)
-            ax.scatter(xs, ys, label=m, s=12)
+            ax.scatter(xs, ys, label=m, s=12, marker="o" if names.index(m) < 10 else "^",
+                       color=_style(names.index(m))["color"])
     ax.set_xlabel("Frechet distance to the world's reference clips (lower: closer)")
     ax.set_ylabel("held-out reward")
     ax.set_title("reward vs distance (every eval point of every seed)", fontsize=9)
@@ -252,7 +258,15 @@ def compare_main(argv: list[str]) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: flow_grpo, refl, nft; 1 seed; 4 steps; eval every 2 on 8 pairs")
     ap.add_argument("--out", help="default benchmarks/compare/results/{default,quick}")
+    ap.add_argument("--replot", metavar="DIR", help="redraw DIR/*.png from DIR/compare.json; runs nothing")
     a = ap.parse_args(argv)
+    if a.replot:
+        saved = Path(a.replot) / "compare.json"
+        if not saved.is_file():
+            print(f"error: --replot: {saved} not found", file=sys.stderr)
+            return 2
+        print("plots: " + ", ".join(plots(json.loads(saved.read_text())["runs"], Path(a.replot))))
+        return 0
     root = Path(__file__).resolve().parents[2]
     recipes = [Path(r).resolve() for r in a.recipes] or sorted((root / "recipes" / "compare").glob("*.yaml"))
     recipes = [r for r in recipes if r.name != "setup.yaml"]
