@@ -990,17 +990,23 @@ def test_sigint_is_a_stop_request_and_a_second_one_stops_at_once(capsys: pytest.
     a second one interrupts at once; the previous handlers come back afterwards."""
     from trl_video.runguard import StopSignals
 
-    before = signal.getsignal(signal.SIGINT)
-    first_survived = False
-    with pytest.raises(KeyboardInterrupt):
-        with StopSignals() as stop:
-            os.kill(os.getpid(), signal.SIGINT)
-            assert stop.requested() == signal.SIGINT
-            assert "received SIGINT: finishing this step and writing a checkpoint" in capsys.readouterr().err
-            first_survived = True
-            os.kill(os.getpid(), signal.SIGINT)
-            pytest.fail("the second SIGINT did not interrupt")
-    assert first_survived and signal.getsignal(signal.SIGINT) is before
+    # an interactive process's handler: a test run started in the background by a non-interactive shell
+    # inherits SIGINT ignored, and the second signal then (rightly) goes to that inherited SIG_IGN
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = signal.getsignal(signal.SIGINT)
+        first_survived = False
+        with pytest.raises(KeyboardInterrupt):
+            with StopSignals() as stop:
+                os.kill(os.getpid(), signal.SIGINT)
+                assert stop.requested() == signal.SIGINT
+                assert "received SIGINT: finishing this step and writing a checkpoint" in capsys.readouterr().err
+                first_survived = True
+                os.kill(os.getpid(), signal.SIGINT)
+                pytest.fail("the second SIGINT did not interrupt")
+        assert first_survived and signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_sigterm_real_subprocess(tmp_path: Path, reward_module: str) -> None:
