@@ -203,9 +203,9 @@ def plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ set-up steps
 def setup_specs(recipes: list[Path], root: Path) -> dict[str, dict[str, Any]]:
-    """One-off preparation rows need before training (``recipes/compare/setup.yaml``; VELR's latent reward model
+    """One-off preparation rows need before training (``benchmarks/compare/setup.yaml``; VELR's latent reward model
     is built from pixel-reward labels and pre-trained), for the rows whose ``creates`` does not exist yet."""
-    spec_file = root / "recipes" / "compare" / "setup.yaml"
+    spec_file = Path(__file__).with_name("setup.yaml")
     specs = (yaml.safe_load(spec_file.read_text()) if spec_file.is_file() else None) or {}
     todo = {}
     for r in recipes:
@@ -269,7 +269,6 @@ def compare_main(argv: list[str]) -> int:
         return 0
     root = Path(__file__).resolve().parents[2]
     recipes = [Path(r).resolve() for r in a.recipes] or sorted((root / "recipes" / "compare").glob("*.yaml"))
-    recipes = [r for r in recipes if r.name != "setup.yaml"]
     if a.quick:
         recipes = [r for r in recipes if r.stem in QUICK_METHODS] if not a.recipes else recipes
         a.seeds, a.steps = a.seeds[:1], a.steps or 4

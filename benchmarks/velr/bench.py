@@ -440,7 +440,8 @@ def _memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     # a whole training cycle, every phase included: VELR aligns its LRM every `align_every` steps (10), so a cycle
     # is that many steps (the same count for ReFL); each step's own allocation peak, the max over the cycle
     step_peaks = []
-    for _ in range(int(spec.get("cycle_steps") or 10)):
+    for step in range(int(spec.get("cycle_steps") or 10)):
+        trainer.global_step = step  # the loss picks its phases by step (train() advances it; here we do)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             trainer.training_step()
         mem = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
