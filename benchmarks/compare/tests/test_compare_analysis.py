@@ -20,6 +20,19 @@ def run(method: str, seed: int, rewards: list[float], seconds: list[float], nfe_
     return {"method": method, "seed": seed, "evals": evals, "peak_train_memory_mb": peak}
 
 
+def base_and_fast() -> list[dict]:
+    """Two seeds of a baseline and of a faster method (target 0.15 in the tests below)."""
+    return [
+        # baseline: crosses 0.15 between step 2 (0.12, 20 s) and step 4 (0.18, 40 s): at step 3, 30 s
+        run("base", 0, [0.10, 0.12, 0.18, 0.20], [0, 20, 40, 60], nfe_per_step=48, peak=100.0),
+        # seed 1: crosses between step 0 (0.10) and step 2 (0.20): at step 1, 5 s
+        run("base", 1, [0.10, 0.20, 0.22, 0.24], [0, 10, 20, 30], nfe_per_step=48, peak=120.0),
+        # fast: seed 0 at step 1 (0.10 -> 0.20 between step 0 and 2), 6 s; seed 1 at step 2 exactly, 8 s
+        run("fast", 0, [0.10, 0.20, 0.25, 0.30], [0, 12, 24, 36], nfe_per_step=24, peak=50.0),
+        run("fast", 1, [0.10, 0.15, 0.25, 0.30], [0, 8, 16, 24], nfe_per_step=24, peak=90.0),
+    ]
+
+
 def test_crossing_interpolates_linearly_between_eval_points():
     xs, ys = [0, 10, 20, 30], [0.10, 0.12, 0.20, 0.30]
     assert A.crossing(xs, ys, 0.16) == pytest.approx(15.0)  # halfway from 0.12 (x=10) to 0.20 (x=20)
@@ -34,18 +47,8 @@ def test_crossing_interpolates_linearly_between_eval_points():
 
 def test_time_and_nfe_to_target_and_ratios_on_a_synthetic_log():
     target = 0.15
-    runs = [
-        # baseline: crosses 0.15 between step 2 (0.12, 20 s) and step 4 (0.18, 40 s): at step 3, 30 s
-        run("base", 0, [0.10, 0.12, 0.18, 0.20], [0, 20, 40, 60], nfe_per_step=48, peak=100.0),
-        # seed 1: crosses between step 0 (0.10) and step 2 (0.20): at step 1, 5 s
-        run("base", 1, [0.10, 0.20, 0.22, 0.24], [0, 10, 20, 30], nfe_per_step=48, peak=120.0),
-        # fast: seed 0 at step 1 (0.10 -> 0.20 between step 0 and 2), 6 s; seed 1 at step 2 exactly, 8 s
-        run("fast", 0, [0.10, 0.20, 0.25, 0.30], [0, 12, 24, 36], nfe_per_step=24, peak=50.0),
-        run("fast", 1, [0.10, 0.15, 0.25, 0.30], [0, 8, 16, 24], nfe_per_step=24, peak=90.0),
-        # never: seed 0 never reaches the target; seed 1 fails to run
-        run("never", 0, [0.10, 0.11, 0.12, 0.13], [0, 5, 10, 15], nfe_per_step=10, peak=10.0),
-        {"method": "never", "seed": 1, "error": "error: boom", "evals": []},
-    ]
+    runs = [*base_and_fast(), run("never", 0, [0.10, 0.11, 0.12, 0.13], [0, 5, 10, 15], nfe_per_step=10, peak=10.0),
+            {"method": "never", "seed": 1, "error": "error: boom", "evals": []}]  # seed 1 fails to run
     t0 = A.to_target(runs[0], target)
     assert t0 == {"seconds": pytest.approx(30.0), "nfe_sampler": pytest.approx(3 * 48), "nfe": pytest.approx(3 * 96),
                   "samples_generated": pytest.approx(24.0), "step": pytest.approx(3.0)}
@@ -78,13 +81,7 @@ def test_claims_speedups_on_a_synthetic_log():
     """Seed-claim speedups by hand: baseline cost / method cost, to the common target and to the baseline's own
     final reward of the same seed, one-off set-up seconds added to the method's wall-clock."""
     target = 0.15
-    runs = [
-        run("base", 0, [0.10, 0.12, 0.18, 0.20], [0, 20, 40, 60], nfe_per_step=48, peak=100.0),
-        run("base", 1, [0.10, 0.20, 0.22, 0.24], [0, 10, 20, 30], nfe_per_step=48, peak=120.0),
-        run("fast", 0, [0.10, 0.20, 0.25, 0.30], [0, 12, 24, 36], nfe_per_step=24, peak=50.0),
-        run("fast", 1, [0.10, 0.15, 0.25, 0.30], [0, 8, 16, 24], nfe_per_step=24, peak=90.0),
-        run("slow", 0, [0.10, 0.11, 0.12, 0.13], [0, 5, 10, 15], nfe_per_step=10, peak=10.0),
-    ]
+    runs = [*base_and_fast(), run("slow", 0, [0.10, 0.11, 0.12, 0.13], [0, 5, 10, 15], nfe_per_step=10, peak=10.0)]
     for r in runs:
         r["name"] = r["method"]
     specs = [{"claim": "fast vs base", "row": "fast", "baseline": "base", "paper": "x", "paper_speedup": 3.0},
