@@ -63,7 +63,7 @@ def worker_main(argv: list[str]) -> int:
     from transformers import TrainerCallback
 
     from trl_video.config import config_from_dict
-    from trl_video.evaluation import eval_pairs, sample_videos, video_features
+    from trl_video.evaluation import eval_pairs, eval_sampling, video_features
     from trl_video.monitor import diversity, frechet, world_reference
     from trl_video.plan import build_reward
     from trl_video.plugins import get_registry
@@ -81,13 +81,15 @@ def worker_main(argv: list[str]) -> int:
     prompts, seeds = eval_pairs(rec.get("eval_prompts", "world:heldout"), a.eval_prompts, seed=4321)
     ref = world_reference(prompts, seeds)
     ref_feats = video_features(ref) if ref is not None else None
+    # sampled as the run's method is evaluated everywhere else (a causal generator by its own self-rollout)
+    sampling = eval_sampling(trainer.plan, trainer.sampler, a.eval_num_steps)
     evals: list[dict[str, Any]] = []
     eval_peak = [0.0]
 
     @torch.no_grad()
     def held_out(step: int) -> None:
         reset_peak_memory(trainer.accelerator.device)
-        lat = sample_videos(trainer.policy, prompts, seeds, a.eval_num_steps)
+        lat = sampling.sample(trainer.policy, prompts, seeds, None)
         pix = torch.cat([trainer.policy.decode(lat[i:i + 16]) for i in range(0, len(lat), 16)])
         r = reward(pix if getattr(reward, "space", "pixel") == "pixel" else lat, prompts).float()
         feats = video_features(pix.cpu())
