@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from trl_video import world
-from trl_video.components.rewards import AlignmentReward, LuminanceReward, MotionReward, WeightedSum
+from trl_video.components.rewards import AlignmentReward, LuminanceReward, MotionReward, SharpnessReward, WeightedSum
 
 F, S = world.NUM_FRAMES, world.SIZE
 W601 = (0.299, 0.587, 0.114)
@@ -89,6 +90,33 @@ def test_motion_closed_form_alternating_frames():
     # a ramp of step d per frame: motion = d
     ramp = torch.linspace(-1, 1, 5).view(1, 1, 5, 1, 1).expand(2, 3, 5, 4, 4)
     torch.testing.assert_close(MotionReward()(ramp, ["p", "q"]), torch.full((2,), 0.5))
+
+
+# ------------------------------------------------------------------------------------------------ sharpness
+def test_sharpness_step_edge_closed_form():
+    """A vertical black|white edge: one column of horizontal differences of 1 (luma), none vertical, so
+    E = H * 1 / (H * (W - 1)) = 1 / (W - 1); a flat frame scores 0; the video's score is the per-frame mean."""
+    edge = constant_video((-1.0, -1.0, -1.0), f=2)
+    edge[:, :, 1, :, S // 2:] = 1.0  # frame 1: the edge; frame 0 stays flat
+    scale = 0.01
+    r = SharpnessReward(scale=scale)(edge, ["p"])
+    assert abs(float(r) - math.tanh(1 / (S - 1) / scale) / 2) < 1e-6
+    # a grey step of luma height h = (b - a) / 2, horizontal this time: E = h^2 / (H - 1)
+    a, b = -0.4, 0.2
+    hstep = constant_video((a, a, a), f=1)
+    hstep[:, :, :, S // 2:, :] = b
+    assert abs(float(SharpnessReward(scale=scale)(hstep, ["p"])) - math.tanh(((b - a) / 2) ** 2 / (S - 1) / scale)) < 1e-6
+
+
+def test_sharpness_prefers_crisp_frames_and_ignores_frame_order():
+    v = clip("a red circle moving left on a dark background")
+    blurred = torch.nn.functional.avg_pool3d(v, (1, 3, 3), 1, (0, 1, 1), count_include_pad=False)
+    sharp = SharpnessReward()
+    assert float(sharp(v, ["p"])) > float(sharp(blurred, ["p"])) + 0.1
+    # no notion of motion: a static clip of frame 0 and the moving clip score alike, any frame order too
+    static = v[:, :, :1].expand(-1, -1, F, -1, -1)
+    torch.testing.assert_close(sharp(v.flip(2), ["p"]), sharp(v, ["p"]))
+    assert abs(float(sharp(static, ["p"])) - float(sharp(v, ["p"]))) < 0.02
 
 
 # ------------------------------------------------------------------------------------------------ alignment

@@ -264,20 +264,31 @@ def plot_ode(res: dict[str, Any], out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- stage 2
+REWARD_KEYS = ("last_frame_reward", "frames_reward", "last_frame_alignment", "video_alignment", "motion", "color_acc",
+               "motion_acc")
+
+
 @torch.no_grad()
-def _reward_eval(policy: Any, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
-    """Held-out: the trained reward (last frame), the whole-video alignment, the motion (mean |frame difference|,
-    which also counts flicker) and the world classifiers' accuracies (motion_acc: the centroid moves the named
-    way, i.e. real motion)."""
+def _reward_eval(policy: Any, prompts: list[str], seeds: list[int], reward: Any = None) -> dict[str, Any]:
+    """Held-out: the trained reward ``reward`` (default: the world's alignment) on the last frame and averaged over
+    every frame scored alone (what random-frame supervision optimises in expectation), the whole-video alignment,
+    the motion (mean |frame difference|, which also counts flicker) and the world classifiers' accuracies
+    (motion_acc: the centroid moves the named way, i.e. real motion)."""
     from trl_video.components.rewards import AlignmentReward
     from trl_video.world import Caption
 
     score_videos = import_benchmark("assets", "pretrain").score_videos  # the asset builder's helpers
     vids = student_videos(policy, prompts, seeds)
-    r = AlignmentReward()
-    last = r(vids[:, :, -1:], prompts).float()
+    align = AlignmentReward()
+    reward = reward if reward is not None else align
+    last = reward(vids[:, :, -1:], prompts).float()
+    b, _, f = vids.shape[:3]
+    one_frame_videos = vids.transpose(1, 2).reshape(b * f, 3, 1, *vids.shape[3:])
+    per_frame = reward(one_frame_videos, [p for p in prompts for _ in range(f)]).float().view(b, f)
     sc = score_videos(vids, [Caption.parse(p) for p in prompts])
-    return {"last_frame_reward": float(last.mean()), "video_alignment": float(r(vids, prompts).mean()),
+    return {"last_frame_reward": float(last.mean()), "frames_reward": float(per_frame.mean()),
+            "last_frame_alignment": float(align(vids[:, :, -1:], prompts).mean()),
+            "video_alignment": float(align(vids, prompts).mean()),
             "motion": float(motion(vids).mean()), "color_acc": sc["color_acc"], "motion_acc": sc["motion_acc"],
             "per_pair_last_frame_reward": [round(float(x), 5) for x in last]}
 
@@ -288,17 +299,23 @@ def run_reward(a: argparse.Namespace) -> int:
     start = STAGE1 / "model_ema"
     if not (start / "model_index.json").exists():
         raise SystemExit("run the stage-1 experiment first: python benchmarks/reward_forcing/experiments.py ode")
+    from trl_video.plan import build_reward
+    from trl_video.plugins import get_registry
+
+    reward_args = json.loads(a.reward_args)
+    reward = build_reward(get_registry(), a.reward, reward_args)  # the trained reward, for the evaluation
     items = _heldout_items(a.eval_seeds)
     prompts, seeds = [c.text for c, _ in items], [s for _, s in items]
-    base = _reward_eval(load_policy(str(start)), prompts, seeds)
+    base = _reward_eval(load_policy(str(start)), prompts, seeds, reward)
     runs: dict[str, list[dict[str, Any]]] = {}
 
     def results() -> dict[str, Any]:
-        keys = ("last_frame_reward", "video_alignment", "motion", "color_acc", "motion_acc")
+        keys = REWARD_KEYS
         summary = {mode: {k: _mean_se([r[k] for r in rs]) for k in keys} for mode, rs in runs.items()}
         gains = {mode: {k: _mean_se([r[k] - base[k] for r in rs]) for k in keys} for mode, rs in runs.items()}
         return {"command": "python benchmarks/reward_forcing/experiments.py reward " + " ".join(sys.argv[2:]),
-                "start": str(start.relative_to(REPO)), "steps": a.steps, "lr": a.lr, "batch": a.batch,
+                "start": str(start.relative_to(REPO)), "reward": a.reward, "reward_args": reward_args,
+                "steps": a.steps, "lr": a.lr, "batch": a.batch,
                 "dmd_weight": a.dmd_weight, "grad": a.grad, "seeds_done": min((len(rs) for rs in runs.values()), default=0),
                 "heldout_pairs": len(prompts),
                 "before": {k: round(v, 5) for k, v in base.items() if k != "per_pair_last_frame_reward"},
@@ -312,6 +329,7 @@ def run_reward(a: argparse.Namespace) -> int:
             if a.dmd_weight > 0:
                 over["method_args"]["dmd_weight"] = a.dmd_weight
             recipe = _recipe("reward_forcing_reward.yaml", model=str(start), seed=seed, max_steps=a.steps,
+                             reward=a.reward, reward_args=reward_args,
                              learning_rate=a.lr, prompts_per_step=a.batch, report_to="none", save_model_at_end=False,
                              output_dir=str(REPO / f"out/tiny/{a.name}_{mode}_s{seed}"), **over)
             out = Path(recipe["output_dir"])
@@ -321,7 +339,7 @@ def run_reward(a: argparse.Namespace) -> int:
                 shutil.rmtree(out)
             trainer, secs = _train(recipe)
             _ema_weights(trainer)
-            ev = _reward_eval(trainer.policy, prompts, seeds)
+            ev = _reward_eval(trainer.policy, prompts, seeds, reward)
             # the held-out pairs are the same before and after: the gain's s.e. over pairs (paired)
             ev["last_frame_gain_over_pairs"] = _mean_se([x - y for x, y in zip(
                 ev.pop("per_pair_last_frame_reward"), base["per_pair_last_frame_reward"], strict=True)])
@@ -336,10 +354,14 @@ def run_reward(a: argparse.Namespace) -> int:
 
 def reward_table(res: dict[str, Any]) -> str:
     """The stage-2 results file as a markdown table: before, then each mode's after (mean +- s.e. over seeds)."""
-    keys = [k for k in ("last_frame_reward", "video_alignment", "motion", "color_acc", "motion_acc")
-            if all(k in v for v in res["after"].values())]
-    head = {"last_frame_reward": "held-out reward R(last frame)", "video_alignment": "whole-video alignment",
-            "motion": "motion (mean abs frame diff)", "color_acc": "colour acc", "motion_acc": "motion acc"}
+    keys = [k for k in REWARD_KEYS if all(k in v for v in res["after"].values())]
+    name = res.get("reward", "alignment")
+    head = {"last_frame_reward": f"held-out reward R(last frame), R = {name}",
+            "frames_reward": "R per frame, mean over frames", "last_frame_alignment": "alignment (last frame)",
+            "video_alignment": "whole-video alignment", "motion": "motion (mean abs frame diff)",
+            "color_acc": "colour acc", "motion_acc": "motion acc"}
+    if name == "alignment":  # the first files: R is the alignment, its last-frame column is not repeated
+        keys = [k for k in keys if k != "last_frame_alignment"]
     lines = [f"Stage 2 on tiny-wan from `{res['start']}`: {res['steps']} steps, lr {res['lr']}, batch {res['batch']}, "
              f"{res['heldout_pairs']} held-out (caption, seed) pairs; after = EMA weights, mean +- s.e. over "
              f"training seeds (n shown). Command: `{res['command']}`.", "",
@@ -388,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="sampler grad: auto = last chunk for last-frame rewards, every chunk for random frames / DMD; "
                         "all = every chunk for every mode (separates the frame choice from where the graph is kept)")
     r.add_argument("--eval-seeds", type=int, default=2)
+    r.add_argument("--reward", default="alignment", help="the trained reward (a registered name or `a+b`)")
+    r.add_argument("--reward-args", default="{}", help="its reward_args as JSON, e.g. "
+                   "'{\"weights\": {\"sharpness\": 1.0}}'")
     r.add_argument("--name", default="reward_last_vs_random")
     sub.add_parser("plot-ode", help="redraw results/ode_init.png from results/ode_init.json")
     t = sub.add_parser("table-reward", help="rewrite results/NAME.md from results/NAME.json")
