@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from trl_video import world
-from trl_video.components.rewards import AlignmentReward, LuminanceReward, MotionReward, SharpnessReward, WeightedSum
+from trl_video.components.rewards import (
+    AlignmentReward,
+    LuminanceReward,
+    MotionReward,
+    SharpnessReward,
+    WeightedSum,
+)
 
 F, S = world.NUM_FRAMES, world.SIZE
 W601 = (0.299, 0.587, 0.114)
