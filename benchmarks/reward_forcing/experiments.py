@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -188,7 +189,7 @@ def run_ode(a: argparse.Namespace) -> int:
 
     truth = render_batch(prompts, seeds)
     res = {
-        "command": "python benchmarks/reward_forcing/experiments.py ode " + " ".join(sys.argv[2:]),
+        "command": "python benchmarks/reward_forcing/experiments.py ode " + shlex.join(sys.argv[2:]),
         "train_trajectories": 512, "steps": trainer.global_step, "steps_planned": a.steps,
         "stopped_early": trainer.global_step < a.steps, "chunk_size": a.chunk_size, "train_seconds": round(secs, 1),
         "heldout_regression_loss": {"causal_init_from_teacher": round(reg_init, 5), "after_ode_init": round(reg_trained, 5),
@@ -313,7 +314,7 @@ def run_reward(a: argparse.Namespace) -> int:
         keys = REWARD_KEYS
         summary = {mode: {k: _mean_se([r[k] for r in rs]) for k in keys} for mode, rs in runs.items()}
         gains = {mode: {k: _mean_se([r[k] - base[k] for r in rs]) for k in keys} for mode, rs in runs.items()}
-        return {"command": "python benchmarks/reward_forcing/experiments.py reward " + " ".join(sys.argv[2:]),
+        return {"command": "python benchmarks/reward_forcing/experiments.py reward " + shlex.join(sys.argv[2:]),
                 "start": str(start.relative_to(REPO)), "reward": a.reward, "reward_args": reward_args,
                 "steps": a.steps, "lr": a.lr, "batch": a.batch,
                 "dmd_weight": a.dmd_weight, "grad": a.grad, "seeds_done": min((len(rs) for rs in runs.values()), default=0),
