@@ -134,3 +134,16 @@ def test_scaling_breakdown_separates_communication_waiting_and_contention() -> N
     assert w["wait_in_sync_s"] == pytest.approx(0.05) and w["wait_mean_s"] == pytest.approx((0.05 + 0.08) / 3)
     assert w["faster_rank_compute_s"] == pytest.approx(0.92) and w["slower_rank_compute_s"] == pytest.approx(0.95)
     assert w["contention_s"] == pytest.approx(0.02)
+
+
+def test_scaling_video_size_reaches_the_worker_config() -> None:
+    """``bench scaling --frames F --size S`` trains on F x S x S videos; without them the model's own size."""
+    import argparse
+
+    from trl_video.bench import _scaling_config
+
+    base = {"model": "tiny-wan", "num_steps": 8, "grad_steps": 2}
+    cfg = _scaling_config(argparse.Namespace(**base, frames=17, size=96), batch=4, out="unused")
+    assert (cfg.num_frames, cfg.height, cfg.width, cfg.prompts_per_step) == (17, 96, 96, 4)
+    cfg = _scaling_config(argparse.Namespace(**base, frames=None, size=None), batch=8, out="unused")
+    assert (cfg.num_frames, cfg.height, cfg.width) == (None, None, None)

@@ -150,7 +150,8 @@ def _scaling_config(a: argparse.Namespace, batch: int, out: str):
                              sampler_args={"num_steps": a.num_steps, "grad_steps": a.grad_steps},
                              method_args={"kl_weight": 0.0}, prompts_per_step=batch, group_size=1,
                              max_steps=10**6, learning_rate=2e-3, lora_r=8, seed=0, output_dir=out,
-                             report_to="none", save_model_at_end=False, logging_steps=10**6)
+                             report_to="none", save_model_at_end=False, logging_steps=10**6,
+                             num_frames=a.frames, height=a.size, width=a.size)
 
 
 def scaling_worker(argv: list[str]) -> int:
@@ -205,6 +206,7 @@ def _run_variant(a: argparse.Namespace, name: str, out: Path) -> list[dict]:
 
     ranks, threads, share = SCALING_VARIANTS[name]
     args = {"model": a.model, "num_steps": a.num_steps, "grad_steps": a.grad_steps, "threads": threads,
+            "frames": a.frames, "size": a.size,
             "batch": int(a.batch * share) if ranks == 1 else a.batch, "steps": a.steps, "warmup": a.warmup,
             "out": str(out), "launched": time.time()}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
@@ -260,6 +262,9 @@ def bench_scaling(argv: list[str]) -> int:
     ap.add_argument("--batch", type=int, default=8, help="global batch (the quickstart's)")
     ap.add_argument("--num-steps", type=int, default=8, help="sampling steps (the quickstart's)")
     ap.add_argument("--grad-steps", type=int, default=2)
+    ap.add_argument("--frames", type=int, default=None,
+                    help="video frames (default: the model's, 9); more frames/pixels = more compute per call")
+    ap.add_argument("--size", type=int, default=None, help="video height = width in pixels (default: the model's, 32)")
     ap.add_argument("--steps", type=int, default=6, help="timed training steps per run")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="runs of each variant (the spread is across them)")
@@ -292,7 +297,7 @@ def bench_scaling(argv: list[str]) -> int:
     def part(n: str, key: str, rank: int = 0) -> float:
         return statistics.median(statistics.median(p.get(key, 0.0) for p in rk[rank]["parts"]) for rk in runs[n])
 
-    res: dict[str, Any] = {"model": a.model, "global_batch": a.batch, "sampling_steps": a.num_steps,
+    res: dict[str, Any] = {"model": a.model, "frames": a.frames, "size": a.size, "global_batch": a.batch, "sampling_steps": a.num_steps,
                            "grad_steps": a.grad_steps, "timed_steps": a.steps, "rounds": a.rounds,
                            "load_average": {"min": min(load), "max": max(load)}, "variants": {}}
     for n in names:
@@ -302,7 +307,8 @@ def bench_scaling(argv: list[str]) -> int:
                               "startup_s": statistics.median(rk[0]["startup_s"] for rk in runs[n]),
                               "parts": {k: part(n, k) for k in ("rollouts", "loss", "backward", "grad_sync",
                                                                  "metrics")}}
-    print(f"Data-parallel scaling ({a.model}, ReFL, global batch {a.batch}, {a.num_steps} sampling steps, "
+    video = f"{a.frames or 'default'} frames x {a.size or 'default'} px"
+    print(f"Data-parallel scaling ({a.model}, {video}, ReFL, global batch {a.batch}, {a.num_steps} sampling steps, "
           f"{a.grad_steps} with grad); median of {a.steps} steps per run, {a.rounds} runs per variant, interleaved; "
           f"load average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores")
     for n, v in res["variants"].items():

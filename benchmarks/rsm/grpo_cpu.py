@@ -59,8 +59,44 @@ class NFECounter:
             self.phase = prev
 
 
-def instrument(trainer: VideoRewardTrainer, counter: NFECounter) -> None:
+class ScoreTimer:
+    """Seconds spent scoring samples during training (``ctx.score``: VAE decode + reward model), and the decode
+    part of it, so wall-clock can also be read without the reward computation (the RSM paper reports its
+    zeroth-order wall-clock "excluding GenEval reward computation", App. F)."""
+
+    def __init__(self) -> None:
+        self.score_s = 0.0
+        self.decode_s = 0.0
+        self._inside = False
+
+    def wrap(self, trainer: VideoRewardTrainer) -> None:
+        score, decode = trainer.ctx.score, trainer.policy.decode
+
+        def timed_score(*args: Any, **kwargs: Any):
+            t0, self._inside = time.perf_counter(), True
+            try:
+                return score(*args, **kwargs)
+            finally:
+                self._inside = False
+                self.score_s += time.perf_counter() - t0
+
+        def timed_decode(*args: Any, **kwargs: Any):
+            if not self._inside:
+                return decode(*args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return decode(*args, **kwargs)
+            finally:
+                self.decode_s += time.perf_counter() - t0
+
+        trainer.ctx.score = timed_score  # type: ignore[method-assign]
+        trainer.policy.decode = timed_decode  # type: ignore[method-assign]
+
+
+def instrument(trainer: VideoRewardTrainer, counter: NFECounter, timer: ScoreTimer | None = None) -> None:
     trainer.policy.transformer.register_forward_pre_hook(counter.hook, with_kwargs=True)
+    if timer is not None:
+        timer.wrap(trainer)
     fresh, compute = trainer._fresh_rollouts, trainer.loss.compute
 
     def fresh_counted(*args: Any, **kwargs: Any):
@@ -122,13 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     eval_p, eval_s = eval_pairs("world:heldout", a.eval_prompts, seed=4321)
     runs: list[dict[str, Any]] = []
     for seed in a.seeds:
-        trainers, counters, rows = {}, {}, {}
+        trainers, counters, timers, rows = {}, {}, {}, {}
         for m in a.methods:
             rec = dict(base_recipes[m], seed=seed, max_steps=a.steps, report_to="none", save_model_at_end=False,
                        eval_at_end=False, output_dir=str(Path(a.runs_dir) / f"{m}-s{seed}"))
             trainer = VideoRewardTrainer(config_from_dict(rec), policy=copy.deepcopy(base))
-            counters[m] = NFECounter()
-            instrument(trainer, counters[m])
+            counters[m], timers[m] = NFECounter(), ScoreTimer()
+            instrument(trainer, counters[m], timers[m])
             trainers[m] = trainer
             rows[m] = {"method": m, "seed": seed, "curve": [], "seconds": 0.0}
         for step in range(a.steps + 1):
@@ -136,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 if step % a.eval_every == 0 or step == a.steps:
                     r = quick_eval(trainer.policy, trainer.reward, eval_p, eval_s, 10)
                     rows[m]["curve"].append({"step": step, "heldout_reward": r, "seconds": rows[m]["seconds"],
+                                             "score_seconds": timers[m].score_s,
+                                             "decode_seconds": timers[m].decode_s,
                                              "sampler_nfe": counters[m].counts["sampler"],
                                              "loss_nfe": counters[m].counts["loss"]})
                     print(f"seed {seed} {m:<14} step {step:>3}  held-out reward {r:.4f}  "
@@ -147,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 met = trainer.training_step()
                 rows[m]["seconds"] += time.perf_counter() - t0
                 trainer.global_step += 1
+                rows[m]["score_seconds"], rows[m]["decode_seconds"] = timers[m].score_s, timers[m].decode_s
                 rows[m].setdefault("train_reward", []).append(met.get("reward_mean"))
         for m, trainer in trainers.items():
             fp, fs = eval_pairs("world:heldout", a.final_eval_prompts, seed=1234)
@@ -205,13 +244,21 @@ def summarise(runs: list[dict[str, Any]], methods: list[str]) -> str:
         return "\n".join(lines)
     # compute to reach tempflow-grpo's final reward, seed by seed (same seed = same prompts, same eval pairs)
     lines += ["", "Compute to reach `tempflow-grpo`'s final held-out reward (its last quick-eval point, per seed; "
-              "the first eval point of each run at or above it). NFE = transformer calls x samples in the sampler "
-              "(rollouts and loss-side branches); seconds = training steps only, the methods interleaved step by step.",
-              "", "| method | seeds reaching it | sampler NFE to reach (mean, min-max) | x tempflow-grpo's | "
-              "seconds to reach (mean, min-max) | x tempflow-grpo's |", "|---|---|---|---|---|---|"]
+              "the first eval point of each run at or above it), as a ratio to what `tempflow-grpo` spent on the same "
+              "seed (mean, min-max over the seeds that reach it). NFE = transformer calls x samples in the sampler "
+              "(rollouts and loss-side branches); seconds = training steps only, the methods interleaved step by "
+              "step; 'w/o reward model' subtracts the reward model's calls (the RSM paper's wall-clock excludes the "
+              "reward computation), 'w/o scoring' also the VAE decode of the scored samples.",
+              "", "| method | seeds reaching it | sampler NFE to reach | x tempflow-grpo's | seconds to reach | "
+              "x tempflow-grpo's | w/o reward model: x tempflow-grpo's | w/o scoring: x tempflow-grpo's |",
+              "|---|---|---|---|---|---|---|---|"]
     temp = {r["seed"]: r for r in runs if r["method"] == "tempflow-grpo"}
+
+    def fmt(xs: list[float]) -> str:
+        return f"{statistics.mean(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})" if xs else "-"
+
     for m in methods:
-        hits, nfe_ratio, sec_ratio = [], [], []
+        hits, nfe_ratio, sec_ratio, no_rm_ratio, no_score_ratio = [], [], [], [], []
         for r in (r for r in runs if r["method"] == m and r["seed"] in temp):
             t_end = temp[r["seed"]]["curve"][-1]
             hit = reach(r, t_end["heldout_reward"])
@@ -219,15 +266,33 @@ def summarise(runs: list[dict[str, Any]], methods: list[str]) -> str:
                 hits.append(hit)
                 nfe_ratio.append(hit["sampler_nfe"] / max(t_end["sampler_nfe"], 1))
                 sec_ratio.append(hit["seconds"] / max(t_end["seconds"], 1e-9))
+                if "score_seconds" in hit and "score_seconds" in t_end:
+                    no_rm = [c["seconds"] - c["score_seconds"] + c["decode_seconds"] for c in (hit, t_end)]
+                    no_sc = [c["seconds"] - c["score_seconds"] for c in (hit, t_end)]
+                    no_rm_ratio.append(no_rm[0] / max(no_rm[1], 1e-9))
+                    no_score_ratio.append(no_sc[0] / max(no_sc[1], 1e-9))
         n = sum(1 for r in runs if r["method"] == m)
         if not hits:
-            lines.append(f"| `{m}` | 0 of {n} | - | - | - | - |")
+            lines.append(f"| `{m}` | 0 of {n} | - | - | - | - | - | - |")
             continue
         nf, sc = [h["sampler_nfe"] for h in hits], [h["seconds"] for h in hits]
         lines.append(f"| `{m}` | {len(hits)} of {n} | {statistics.mean(nf):.0f} ({min(nf)}-{max(nf)}) | "
-                     f"{statistics.mean(nfe_ratio):.2f} ({min(nfe_ratio):.2f}-{max(nfe_ratio):.2f}) | "
-                     f"{statistics.mean(sc):.0f} ({min(sc):.0f}-{max(sc):.0f}) | {statistics.mean(sec_ratio):.2f} "
-                     f"({min(sec_ratio):.2f}-{max(sec_ratio):.2f}) |")
+                     f"{fmt(nfe_ratio)} | {statistics.mean(sc):.0f} ({min(sc):.0f}-{max(sc):.0f}) | "
+                     f"{fmt(sec_ratio)} | {fmt(no_rm_ratio)} | {fmt(no_score_ratio)} |")
+    timed = [r for r in runs if "score_seconds" in r]
+    if timed:
+        lines += ["", "Where a training step's time goes (mean over seeds of each run's totals / steps):", "",
+                  "| method | seconds per step | of which VAE decode of scored samples | of which reward model |",
+                  "|---|---|---|---|"]
+        for m in methods:
+            rs = [r for r in timed if r["method"] == m]
+            if not rs:
+                continue
+            steps = [max(len(r.get("train_reward", [])), 1) for r in rs]
+            per = statistics.mean(r["seconds"] / k for r, k in zip(rs, steps))
+            dec = statistics.mean(r["decode_seconds"] / k for r, k in zip(rs, steps))
+            rm = statistics.mean((r["score_seconds"] - r["decode_seconds"]) / k for r, k in zip(rs, steps))
+            lines.append(f"| `{m}` | {per:.2f} | {dec:.2f} | {rm:.2f} |")
     return "\n".join(lines)
 
 

@@ -53,3 +53,20 @@ def test_importing_the_estimator_study_leaves_torch_defaults_alone():
 
     import_benchmark("rsm", "estimators")
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_grpo_summary_wall_clock_without_scoring():
+    g = import_benchmark("rsm", "grpo_cpu")
+    temp = run("tempflow-grpo", 0, [0.3, 0.35, 0.40], [0, 100, 200], [0, 10, 20], 0.05)
+    zo = run("rsm-zo", 0, [0.3, 0.41, 0.42], [0, 50, 100], [0, 8, 16], 0.10)
+    for r, score, decode in ((temp, [0, 3, 6], [0, 1, 2]), (zo, [0, 4, 8], [0, 1, 2])):
+        for c, s, d in zip(r["curve"], score, decode):
+            c["score_seconds"], c["decode_seconds"] = s, d
+        r["score_seconds"], r["decode_seconds"], r["train_reward"] = score[-1], decode[-1], [0.0] * 8
+    text = g.summarise([temp, zo], ["tempflow-grpo", "rsm-zo"])
+    # rsm-zo reaches 0.40 at 8 s (score 4, decode 1) vs tempflow's end at 20 s (score 6, decode 2):
+    # without the reward model (8-4+1) / (20-6+2) = 5/16; without scoring (8-4) / (20-6) = 4/14
+    assert (f"| 8 (8-8) | 0.40 (0.40-0.40) | {5 / 16:.2f} ({5 / 16:.2f}-{5 / 16:.2f}) | "
+            f"{4 / 14:.2f} ({4 / 14:.2f}-{4 / 14:.2f}) |") in text
+    # per step over 8 steps: tempflow 20/8 s, decode 2/8, reward model (6-2)/8
+    assert f"| `tempflow-grpo` | {20 / 8:.2f} | {2 / 8:.2f} | {4 / 8:.2f} |" in text
