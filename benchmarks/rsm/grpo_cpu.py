@@ -279,6 +279,7 @@ def summarise(runs: list[dict[str, Any]], methods: list[str]) -> str:
         lines.append(f"| `{m}` | {len(hits)} of {n} | {statistics.mean(nf):.0f} ({min(nf)}-{max(nf)}) | "
                      f"{fmt(nfe_ratio)} | {statistics.mean(sc):.0f} ({min(sc):.0f}-{max(sc):.0f}) | "
                      f"{fmt(sec_ratio)} | {fmt(no_rm_ratio)} | {fmt(no_score_ratio)} |")
+    lines += seed_mean_reach(runs, methods)
     timed = [r for r in runs if "score_seconds" in r]
     if timed:
         lines += ["", "Where a training step's time goes (mean over seeds of each run's totals / steps):", "",
@@ -294,6 +295,40 @@ def summarise(runs: list[dict[str, Any]], methods: list[str]) -> str:
             rm = statistics.mean((r["score_seconds"] - r["decode_seconds"]) / k for r, k in zip(rs, steps))
             lines.append(f"| `{m}` | {per:.2f} | {dec:.2f} | {rm:.2f} |")
     return "\n".join(lines)
+
+
+def seed_mean_reach(runs: list[dict[str, Any]], methods: list[str]) -> list[str]:
+    """The same question on the seed-mean curves (less eval noise than seed by seed): the first eval point where a
+    method's mean held-out reward over seeds is at or above `tempflow-grpo`'s mean final one, with the mean NFE and
+    seconds spent by then, as ratios to `tempflow-grpo`'s mean totals."""
+    temp = [r for r in runs if r["method"] == "tempflow-grpo"]
+    if not temp:
+        return []
+    n_pts = min(len(r["curve"]) for r in runs)
+
+    def mean_at(rs: list[dict[str, Any]], k: int, key: str) -> float:
+        return statistics.mean(float(r["curve"][k][key]) for r in rs)
+
+    target = mean_at(temp, n_pts - 1, "heldout_reward")
+    t_nfe, t_sec = mean_at(temp, n_pts - 1, "sampler_nfe"), mean_at(temp, n_pts - 1, "seconds")
+    lines = ["", f"On the seed-mean curves: `tempflow-grpo`'s mean final quick-eval reward is {target:.4f}; the first "
+             "eval point where each method's mean over seeds reaches it, and the mean compute spent by then:", "",
+             "| method | step | mean reward there +- s.e. | sampler NFE (x tempflow-grpo's) | seconds (x tempflow-grpo's) |",
+             "|---|---|---|---|---|"]
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        if not rs:
+            continue
+        hit = next((k for k in range(1, n_pts) if mean_at(rs, k, "heldout_reward") >= target), None)
+        if hit is None:
+            best = max(mean_at(rs, k, "heldout_reward") for k in range(n_pts))
+            lines.append(f"| `{m}` | not reached (best {best:.4f}) | - | - | - |")
+            continue
+        mu, se = mean_sem([float(r["curve"][hit]["heldout_reward"]) for r in rs])
+        nfe, sec = mean_at(rs, hit, "sampler_nfe"), mean_at(rs, hit, "seconds")
+        lines.append(f"| `{m}` | {rs[0]['curve'][hit]['step']} | {mu:.4f} +- {se:.4f} | {nfe:.0f} "
+                     f"({nfe / max(t_nfe, 1):.2f}x) | {sec:.1f} ({sec / max(t_sec, 1e-9):.2f}x) |")
+    return lines
 
 
 def plot(runs: list[dict[str, Any]], methods: list[str], path: Path) -> None:

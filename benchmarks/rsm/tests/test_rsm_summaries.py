@@ -70,3 +70,22 @@ def test_grpo_summary_wall_clock_without_scoring():
             f"{4 / 14:.2f} ({4 / 14:.2f}-{4 / 14:.2f}) |") in text
     # per step over 8 steps: tempflow 20/8 s, decode 2/8, reward model (6-2)/8
     assert f"| `tempflow-grpo` | {20 / 8:.2f} | {2 / 8:.2f} | {4 / 8:.2f} |" in text
+
+
+def test_grpo_summary_reach_on_the_seed_mean_curves():
+    g = import_benchmark("rsm", "grpo_cpu")
+    runs = [run("tempflow-grpo", 0, [0.3, 0.35, 0.40], [0, 100, 200], [0, 10, 20], 0.05),
+            run("tempflow-grpo", 1, [0.3, 0.32, 0.36], [0, 100, 200], [0, 10, 22], 0.03),
+            run("rsm-zo", 0, [0.3, 0.41, 0.42], [0, 50, 100], [0, 8, 16], 0.10),
+            run("rsm-zo", 1, [0.3, 0.31, 0.33], [0, 50, 100], [0, 9, 18], 0.00),
+            run("flat", 0, [0.3, 0.30, 0.31], [0, 50, 100], [0, 8, 16], 0.0),
+            run("flat", 1, [0.3, 0.30, 0.30], [0, 50, 100], [0, 8, 16], 0.0)]
+    text = g.summarise(runs, ["tempflow-grpo", "rsm-zo", "flat"])
+    # target = mean of 0.40 and 0.36 = 0.38; rsm-zo's mean curve 0.36 (step 4), 0.375 (step 8): never reaches it
+    assert "mean final quick-eval reward is 0.3800" in text
+    assert "| `rsm-zo` | not reached (best 0.3750) |" in text
+    assert "| `tempflow-grpo` | 8 | 0.3800 +- 0.0200 | 200 (1.00x) | 21.0 (1.00x) |" in text
+    assert "| `flat` | not reached (best 0.3050) |" in text
+    runs[3]["curve"][2]["heldout_reward"] = 0.35  # rsm-zo's mean at step 8 now (0.42 + 0.35) / 2 = 0.385
+    text = g.summarise(runs, ["tempflow-grpo", "rsm-zo"])
+    assert f"| `rsm-zo` | 8 | 0.3850 +- 0.0350 | 100 (0.50x) | 17.0 ({17 / 21:.2f}x) |" in text
