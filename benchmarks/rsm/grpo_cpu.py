@@ -8,7 +8,7 @@ samples x network calls. Every `--eval-every` steps the policy is scored on held
 the 10-step ODE; at the end the trained policy is evaluated against the base with `trl_video.evaluation.evaluate`
 (the code of `trl-video eval`: paired before/after on world:heldout).
 
-    OMP_NUM_THREADS=1 nice -n 15 trl-video bench rsm.grpo --seeds 0 1 2 --steps 16 --eval-every 4
+    OMP_NUM_THREADS=1 trl-video bench rsm.grpo --seeds 0 1 2 3 4 --steps 16 --eval-every 4
 
 Seeds are independent, so on a crowded machine each seed can run as its own process (``--seeds 0 --out DIR0``
 ...) and ``--from-json DIR0/grpo_cpu.json DIR1/grpo_cpu.json ...`` writes the same tables and plot; within a
@@ -128,11 +128,11 @@ def quick_eval(policy: Any, reward: Any, prompts: list[str], seeds: list[int], s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["flow-grpo", "dance-grpo", "tempflow-grpo", "rsm-zo"])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--eval-every", type=int, default=4)
-    ap.add_argument("--eval-prompts", type=int, default=16)
-    ap.add_argument("--final-eval-prompts", type=int, default=32)
+    ap.add_argument("--eval-prompts", type=int, default=48)
+    ap.add_argument("--final-eval-prompts", type=int, default=96)
     ap.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
                     help="override a recipe key of one method, e.g. rsm-zo:learning_rate=3e-3")
     ap.add_argument("--out", default="benchmarks/rsm/results", help="grpo_cpu.json / .md / .png go here")
