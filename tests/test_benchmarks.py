@@ -147,3 +147,11 @@ def test_scaling_video_size_reaches_the_worker_config() -> None:
     assert (cfg.num_frames, cfg.height, cfg.width, cfg.prompts_per_step) == (17, 96, 96, 4)
     cfg = _scaling_config(argparse.Namespace(**base, frames=None, size=None), batch=8, out="unused")
     assert (cfg.num_frames, cfg.height, cfg.width) == (None, None, None)
+
+
+def test_scaling_bad_video_size_is_one_error_line_before_any_worker(capsys) -> None:
+    from trl_video.cli import main
+
+    assert main(["bench", "scaling", "--frames", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: num_frames 16 cannot be taken by model 'tiny-wan': the VAE needs 2k+1 frames (e.g. 15)"]

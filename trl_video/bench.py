@@ -280,6 +280,9 @@ def bench_scaling(argv: list[str]) -> int:
         from .errors import TrlVideoError
 
         raise TrlVideoError(f"bench scaling: unknown variants {unknown}; known: {', '.join(SCALING_VARIANTS)}")
+    from .validation import check_model_geometry
+
+    check_model_geometry(_scaling_config(a, a.batch, "unused"))  # a bad --frames/--size: one line here, not per worker
     tmp = Path(tempfile.mkdtemp(prefix="trl-video-scaling-"))
     load = [os.getloadavg()[0]]
     runs: dict[str, list[list[dict]]] = {n: [] for n in names}
@@ -297,9 +300,9 @@ def bench_scaling(argv: list[str]) -> int:
     def part(n: str, key: str, rank: int = 0) -> float:
         return statistics.median(statistics.median(p.get(key, 0.0) for p in rk[rank]["parts"]) for rk in runs[n])
 
-    res: dict[str, Any] = {"model": a.model, "frames": a.frames, "size": a.size, "global_batch": a.batch, "sampling_steps": a.num_steps,
-                           "grad_steps": a.grad_steps, "timed_steps": a.steps, "rounds": a.rounds,
-                           "load_average": {"min": min(load), "max": max(load)}, "variants": {}}
+    res: dict[str, Any] = {"model": a.model, "frames": a.frames, "size": a.size, "global_batch": a.batch,
+                           "sampling_steps": a.num_steps, "grad_steps": a.grad_steps, "timed_steps": a.steps,
+                           "rounds": a.rounds, "load_average": {"min": min(load), "max": max(load)}, "variants": {}}
     for n in names:
         ts = per_run(n)
         res["variants"][n] = {"step_s": statistics.median(ts), "min": min(ts), "max": max(ts), "runs": ts,

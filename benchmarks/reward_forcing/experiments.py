@@ -25,6 +25,7 @@ import yaml
 from torch import Tensor
 
 from trl_video.bench_discovery import import_benchmark
+from trl_video.errors import TrlVideoError
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -296,15 +297,20 @@ def _reward_eval(policy: Any, prompts: list[str], seeds: list[int], reward: Any 
 
 def run_reward(a: argparse.Namespace) -> int:
     from trl_video.models.policy import load_policy
-
-    start = STAGE1 / "model_ema"
-    if not (start / "model_index.json").exists():
-        raise SystemExit("run the stage-1 experiment first: python benchmarks/reward_forcing/experiments.py ode")
     from trl_video.plan import build_reward
     from trl_video.plugins import get_registry
 
-    reward_args = json.loads(a.reward_args)
+    try:
+        reward_args = json.loads(a.reward_args)
+    except json.JSONDecodeError as exc:
+        raise TrlVideoError(f"--reward-args is not JSON: {exc}") from None
+    if not isinstance(reward_args, dict):
+        raise TrlVideoError(f"--reward-args must be a JSON object, got {type(reward_args).__name__}")
     reward = build_reward(get_registry(), a.reward, reward_args)  # the trained reward, for the evaluation
+    start = STAGE1 / "model_ema"
+    if not (start / "model_index.json").exists():
+        raise TrlVideoError(f"{start} does not exist: run the stage-1 experiment first "
+                            "(python benchmarks/reward_forcing/experiments.py ode)")
     items = _heldout_items(a.eval_seeds)
     prompts, seeds = [c.text for c, _ in items], [s for _, s in items]
     base = _reward_eval(load_policy(str(start)), prompts, seeds, reward)
@@ -433,4 +439,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except TrlVideoError as exc:  # bad input: one line, exit 2 (as the trl-video command line)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

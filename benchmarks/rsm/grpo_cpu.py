@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from trl_video.config import config_from_dict
+from trl_video.errors import TrlVideoError
 from trl_video.evaluation import eval_pairs, evaluate, sample_videos
 from trl_video.models.policy import load_policy
 from trl_video.trainer import VideoRewardTrainer
@@ -145,15 +146,22 @@ def main(argv: list[str] | None = None) -> int:
         runs = [r for d in saved for r in d["runs"]]
         methods = list(dict.fromkeys(r["method"] for r in runs))
         return write_results(Path(a.out), {"args": [d["args"] for d in saved], "runs": runs}, methods)
+    # a label 'preset#variant' runs the preset's recipe under its own name (ablations: --set 'flow-grpo#g8:...')
+    unknown = [m for m in a.methods if m.split("#")[0] not in RECIPES]
+    if unknown:
+        raise TrlVideoError(f"--methods {unknown}: known presets {list(RECIPES)} (a variant is 'PRESET#label')")
+    base_recipes = {m: yaml.safe_load(Path(RECIPES[m.split("#")[0]]).read_text()) for m in a.methods}
+    for item in a.set:
+        m, _, kv = item.partition(":")
+        k, eq, v = kv.partition("=")
+        if not eq or not k:
+            raise TrlVideoError(f"--set '{item}': expected METHOD:KEY=VALUE")
+        if m not in base_recipes:
+            raise TrlVideoError(f"--set '{item}': method '{m}' is not in --methods {a.methods}")
+        base_recipes[m][k] = yaml.safe_load(v)
     torch.set_num_threads(1)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    # a label 'preset#variant' runs the preset's recipe under its own name (ablations: --set 'flow-grpo#g8:...')
-    base_recipes = {m: yaml.safe_load(Path(RECIPES[m.split("#")[0]]).read_text()) for m in a.methods}
-    for item in a.set:
-        m, kv = item.split(":", 1)
-        k, v = kv.split("=", 1)
-        base_recipes[m][k] = yaml.safe_load(v)
     base = load_policy(base_recipes[a.methods[0]]["model"])
     eval_p, eval_s = eval_pairs("world:heldout", a.eval_prompts, seed=4321)
     runs: list[dict[str, Any]] = []

@@ -89,3 +89,15 @@ def test_grpo_summary_reach_on_the_seed_mean_curves():
     runs[3]["curve"][2]["heldout_reward"] = 0.35  # rsm-zo's mean at step 8 now (0.42 + 0.35) / 2 = 0.385
     text = g.summarise(runs, ["tempflow-grpo", "rsm-zo"])
     assert f"| `rsm-zo` | 8 | 0.3850 +- 0.0350 | 100 (0.50x) | 17.0 ({17 / 21:.2f}x) |" in text
+
+
+def test_grpo_bad_methods_and_set_are_one_error_line(capsys):
+    from trl_video.cli import main
+
+    for argv, msg in ((["--set", "bogus"], "error: --set 'bogus': expected METHOD:KEY=VALUE"),
+                      (["--methods", "nope"], "error: --methods ['nope']: known presets"),
+                      (["--methods", "rsm-zo", "--set", "flow-grpo:seed=1"],
+                       "error: --set 'flow-grpo:seed=1': method 'flow-grpo' is not in --methods ['rsm-zo']")):
+        assert main(["bench", "rsm.grpo", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(msg), err
