@@ -414,6 +414,11 @@ def score_videos(videos: Tensor, caps: list[world.Caption]) -> dict[str, Any]:
         "background_acc": round(sum(r["background"] == c.background for r, c in zip(res, caps)) / n, 4),
         "no_object_rate": round(sum(r["color"] is None for r in res) / n, 4),
         "mean_displacement_along_caption_px": round(float(np.mean(along)), 3) if along else None,
+        # VBench's dynamic degree in the world: the share of clips whose object travels at least the classifier's
+        # 3 px (an object-less clip counts as static); and the mean travel in any direction
+        "dynamic_degree": round(sum(r["motion"] is not None for r in res) / n, 4),
+        "mean_travel_px": round(float(np.mean([np.hypot(*r["displacement"]) if r["displacement"] is not None else 0.0
+                                               for r in res])), 3),
         "mean_object_area": round(float(np.mean([r["area"] for r in res])), 4),
     }
 

@@ -267,7 +267,7 @@ def plot_ode(res: dict[str, Any], out: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- stage 2
 REWARD_KEYS = ("last_frame_reward", "frames_reward", "last_frame_alignment", "video_alignment", "motion", "color_acc",
-               "motion_acc")
+               "motion_acc", "dynamic_degree", "travel_px")
 
 
 @torch.no_grad()
@@ -292,6 +292,7 @@ def _reward_eval(policy: Any, prompts: list[str], seeds: list[int], reward: Any 
             "last_frame_alignment": float(align(vids[:, :, -1:], prompts).mean()),
             "video_alignment": float(align(vids, prompts).mean()),
             "motion": float(motion(vids).mean()), "color_acc": sc["color_acc"], "motion_acc": sc["motion_acc"],
+            "dynamic_degree": sc["dynamic_degree"], "travel_px": sc["mean_travel_px"],
             "per_pair_last_frame_reward": [round(float(x), 5) for x in last]}
 
 
@@ -366,7 +367,8 @@ def reward_table(res: dict[str, Any]) -> str:
     head = {"last_frame_reward": f"held-out reward R(last frame), R = {name}",
             "frames_reward": "R per frame, mean over frames", "last_frame_alignment": "alignment (last frame)",
             "video_alignment": "whole-video alignment", "motion": "motion (mean abs frame diff)",
-            "color_acc": "colour acc", "motion_acc": "motion acc"}
+            "color_acc": "colour acc", "motion_acc": "motion acc", "dynamic_degree": "dynamic degree (travel >= 3 px)",
+            "travel_px": "object travel (px)"}
     if name == "alignment":  # the first files: R is the alignment, its last-frame column is not repeated
         keys = [k for k in keys if k != "last_frame_alignment"]
     lines = [f"Stage 2 on tiny-wan from `{res['start']}`: {res['steps']} steps, lr {res['lr']}, batch {res['batch']}, "

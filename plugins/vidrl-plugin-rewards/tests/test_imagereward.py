@@ -5,6 +5,8 @@ last frame only."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import tiny_reward_models as tiny
 import torch
@@ -48,3 +50,22 @@ def test_imagereward_loads_blip_checkpoint_and_matches_formula(tmp_path):
     scores.sum().backward()
     grad = video.grad.abs().sum(dim=(0, 1, 3, 4))
     assert grad[-1] > 0 and grad[:-1].sum() == 0
+
+
+def test_save_imagereward_writes_the_official_layout(tmp_path):
+    """``save_imagereward`` (for models trained with transformers' BLIP modules) writes the same keys and tensors as
+    the fixture's hand-written THUDM names, and the reward loads it back to the same scores."""
+    from vidrl_plugin_rewards.blip import save_imagereward
+
+    repo, tok_dir, (vis, txt, head) = tiny.save_tiny_imagereward(tmp_path / "ref")
+    med = json.loads((repo / "med_config.json").read_text())
+    ours = save_imagereward(tmp_path / "ours", vis, txt, head, med)
+    ref_sd = torch.load(repo / "ImageReward.pt", weights_only=True)
+    ref_sd.pop("blip.vision_proj.weight")  # the contrastive head: not part of the score, not written
+    our_sd = torch.load(ours / "ImageReward.pt", weights_only=True)
+    assert sorted(our_sd) == sorted(ref_sd)
+    assert all(torch.equal(our_sd[k], ref_sd[k]) for k in ref_sd)
+    video = world.render_batch(PROMPTS, [0, 1])
+    a = ImageReward(model=str(repo), tokenizer=str(tok_dir), vision=tiny.TINY_VIT)(video, PROMPTS)
+    b = ImageReward(model=str(ours), tokenizer=str(tok_dir), vision=tiny.TINY_VIT)(video, PROMPTS)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)

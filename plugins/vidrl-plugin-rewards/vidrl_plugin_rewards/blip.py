@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,6 +62,41 @@ def blip_vit_to_transformers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         else:
             raise TrlVideoError(f"ImageReward checkpoint: unexpected vision parameter '{key}'")
     return out
+
+
+def transformers_to_blip_vit(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`blip_vit_to_transformers`: ``BlipVisionModel`` names -> BLIP's timm-style names."""
+    singles = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
+               "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+               "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+               "post_layernorm.weight": "norm.weight", "post_layernorm.bias": "norm.bias"}
+    out: dict[str, Tensor] = {}
+    for key, v in sd.items():
+        if key in singles:
+            out[singles[key]] = v
+            continue
+        m = re.match(r"encoder\.layers\.(\d+)\.(.+)", key)
+        rest = m.group(2) if m else ""
+        theirs = next((a + rest[len(b):] for a, b in _VIT_RENAMES if rest.startswith(b)), None)
+        if m is None or theirs is None:
+            raise TrlVideoError(f"BlipVisionModel: parameter '{key}' has no BLIP name")
+        out[f"blocks.{m.group(1)}.{theirs}"] = v
+    return out
+
+
+def save_imagereward(folder: str | Path, vision: torch.nn.Module, text: torch.nn.Module, head: torch.nn.Module,
+                     med_config: dict[str, Any]) -> Path:
+    """Write ``ImageReward.pt`` (BLIP's parameter names, the THUDM/ImageReward layout) and ``med_config.json``
+    into ``folder``, so that :class:`ImageReward` (and the official package's key names) load it: for reward
+    models trained or fine-tuned with transformers' BLIP modules."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {f"blip.visual_encoder.{k}": v for k, v in transformers_to_blip_vit(vision.state_dict()).items()}
+    sd.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items() if not k.endswith("position_ids")})
+    sd.update({f"mlp.{k}": v for k, v in head.state_dict().items()})
+    torch.save({k: v.detach().cpu().contiguous() for k, v in sd.items()}, folder / "ImageReward.pt")
+    (folder / "med_config.json").write_text(json.dumps(med_config, indent=2))
+    return folder
 
 
 class ImageReward(FrameRewardMixin):
