@@ -293,6 +293,8 @@ def _reward_eval(policy: Any, prompts: list[str], seeds: list[int], reward: Any 
             "video_alignment": float(align(vids, prompts).mean()),
             "motion": float(motion(vids).mean()), "color_acc": sc["color_acc"], "motion_acc": sc["motion_acc"],
             "dynamic_degree": sc["dynamic_degree"], "travel_px": sc["mean_travel_px"],
+            # where the frame-to-frame change is: per consecutive pixel-frame pair (the last chunk's frames last)
+            "frame_diff_profile": [round(float(x), 5) for x in (vids[:, :, 1:] - vids[:, :, :-1]).abs().mean(dim=(0, 1, 3, 4))],
             "per_pair_last_frame_reward": [round(float(x), 5) for x in last]}
 
 
@@ -326,10 +328,15 @@ def run_reward(a: argparse.Namespace) -> int:
                 "steps": a.steps, "lr": a.lr, "batch": a.batch,
                 "dmd_weight": a.dmd_weight, "grad": a.grad, "seeds_done": min((len(rs) for rs in runs.values()), default=0),
                 "heldout_pairs": len(prompts),
-                "before": {k: round(v, 5) for k, v in base.items() if k != "per_pair_last_frame_reward"},
-                "after": summary, "gain_vs_before": gains, "runs": runs}
+                "before": {k: v if isinstance(v, list) else round(v, 5) for k, v in base.items()
+                           if k != "per_pair_last_frame_reward"},
+                "after": summary, "gain_vs_before": gains, "runs": runs,
+                "frame_diff_profile": {  # mean over seeds, per consecutive pixel-frame pair
+                    mode: [round(statistics.fmean(col), 5) for col in zip(*(r["frame_diff_profile"] for r in rs),
+                                                                         strict=True)]
+                    for mode, rs in runs.items()}}
 
-    for seed in range(a.seeds):  # seeds outer: an interrupted run still holds paired modes
+    for seed in range(a.first_seed, a.first_seed + a.seeds):  # seeds outer: an interrupted run still holds paired modes
         for mode in a.modes:
             over: dict[str, Any] = {"method_args": {"frames": mode}}
             if mode == "random" or a.dmd_weight > 0 or a.grad == "all":
@@ -353,6 +360,7 @@ def run_reward(a: argparse.Namespace) -> int:
                 ev.pop("per_pair_last_frame_reward"), base["per_pair_last_frame_reward"], strict=True)])
             ev["last_frame_gain_over_pairs"].pop("values")
             ev["train_seconds"] = round(secs, 1)
+            ev["seed"] = seed
             print(mode, seed, ev, flush=True)
             runs.setdefault(mode, []).append(ev)
             _save(a.name, results())  # after every run: partial results survive an interruption
@@ -386,10 +394,56 @@ def reward_table(res: dict[str, Any]) -> str:
                                                      if k in res["before"]) + " |")
     lines += ["", "Per run, the held-out reward gain over the same pairs (paired s.e. over pairs):", ""]
     for mode, rs in res["runs"].items():
-        lines.append(f"* {mode}: " + ", ".join(f"seed {i}: {r['last_frame_gain_over_pairs']['mean']:+.4f} +- "
+        lines.append(f"* {mode}: " + ", ".join(f"seed {r.get('seed', i)}: {r['last_frame_gain_over_pairs']['mean']:+.4f} +- "
                                                 f"{r['last_frame_gain_over_pairs']['se']:.4f}"
                                                 for i, r in enumerate(rs)))
+    if "frame_diff_profile" in res:
+        lines += ["", "Mean abs difference of each consecutive pixel-frame pair (0-1, 1-2, ...; mean over seeds):", ""]
+        if isinstance(res["before"].get("frame_diff_profile"), list):
+            lines.append("* before: " + ", ".join(f"{x:.4f}" for x in res["before"]["frame_diff_profile"]))
+        lines += [f"* {mode}: " + ", ".join(f"{x:.4f}" for x in prof) for mode, prof in res["frame_diff_profile"].items()]
     return "\n".join(lines) + "\n"
+
+
+def plot_reward_ablation(names: list[str], out: Path) -> None:
+    """Last vs random frames, one group of bars per results file (one trained reward each): the motion measures
+    after stage 2 (mean +- s.e. over seeds), the stage-1 model's value as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+    metrics = [("motion", "mean abs frame difference"), ("motion_acc", "motion acc (named direction)"),
+               ("dynamic_degree", "dynamic degree (travel >= 3 px)")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
+    for ax, (key, title) in zip(axes, metrics, strict=True):
+        for i, res in enumerate(runs):
+            for j, mode in enumerate(("last", "random")):
+                v = res["after"].get(mode, {}).get(key)
+                if v is None:
+                    continue
+                ax.bar(i + 0.38 * j, v["mean"], width=0.36, yerr=v["se"], capsize=3, color=f"C{j}",
+                       label=f"{mode} frame{'s' if mode == 'random' else ''}" if i == 0 else None)
+            if key in res["before"]:
+                ax.hlines(res["before"][key], i - 0.2, i + 0.58, colors="0.3", linestyles="--", lw=1,
+                          label="before (stage 1)" if i == 0 else None)
+        ax.set_xticks([i + 0.19 for i in range(len(runs))], [_reward_label(r) for r in runs], fontsize=7)
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Reward-Forcing stage 2 on tiny-wan: last vs random frame supervision (3 seeds, 92 held-out pairs)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _reward_label(res: dict[str, Any]) -> str:
+    name, args = res.get("reward", "alignment"), res.get("reward_args") or {}
+    if name == "imagereward":
+        return "world ImageReward\n+ composition" if "composition" in str(args.get("model")) else "world ImageReward"
+    weights = args.get("weights") or {}
+    return name.replace("+", " +\n") + "".join(f"\n({k} x{w})" for k, w in weights.items())
 
 
 # ----------------------------------------------------------------------------------------------- streaming
@@ -411,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("reward")
     r.add_argument("--modes", nargs="+", default=["last", "random"])
     r.add_argument("--seeds", type=int, default=3)
+    r.add_argument("--first-seed", type=int, default=0, help="training seeds first-seed .. first-seed + seeds - 1")
     r.add_argument("--steps", type=int, default=60)
     r.add_argument("--lr", type=float, default=3e-5)
     r.add_argument("--batch", type=int, default=8, help="prompts per step")
@@ -424,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                    "'{\"weights\": {\"sharpness\": 1.0}}'")
     r.add_argument("--name", default="reward_last_vs_random")
     sub.add_parser("plot-ode", help="redraw results/ode_init.png from results/ode_init.json")
+    pr = sub.add_parser("plot-reward", help="results/reward_ablation.png from stage-2 results files")
+    pr.add_argument("names", nargs="+", help="results/NAME.json files (each: last and random modes)")
     t = sub.add_parser("table-reward", help="rewrite results/NAME.md from results/NAME.json")
     t.add_argument("name", nargs="?", default="reward_last_vs_random")
     s = sub.add_parser("stream")
@@ -433,6 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "table-reward":
         (RESULTS / f"{a.name}.md").write_text(reward_table(json.loads((RESULTS / f"{a.name}.json").read_text())))
         print((RESULTS / f"{a.name}.md").read_text())
+        return 0
+    if a.cmd == "plot-reward":
+        missing = [n for n in a.names if not (RESULTS / f"{n}.json").exists()]
+        if missing:
+            raise TrlVideoError(f"no results file {RESULTS / missing[0]}.json")
+        plot_reward_ablation(a.names, RESULTS / "reward_ablation.png")
+        print(f"plot: {RESULTS / 'reward_ablation.png'}")
         return 0
     if a.cmd == "plot-ode":
         plot_ode(json.loads((RESULTS / "ode_init.json").read_text()), RESULTS / "ode_init.png")
