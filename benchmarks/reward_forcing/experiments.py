@@ -316,7 +316,10 @@ def run_reward(a: argparse.Namespace) -> int:
                             "(python benchmarks/reward_forcing/experiments.py ode)")
     items = _heldout_items(a.eval_seeds)
     prompts, seeds = [c.text for c, _ in items], [s for _, s in items]
-    base = _reward_eval(load_policy(str(start)), prompts, seeds, reward)
+    start_policy = load_policy(str(start))
+    base = _reward_eval(start_policy, prompts, seeds, reward)
+    strip_items = list(range(0, len(prompts), max(1, len(prompts) // 4)))[:4]  # 4 held-out pairs, spread out
+    strips = {"before": student_videos(start_policy, [prompts[i] for i in strip_items], [seeds[i] for i in strip_items])}
     runs: dict[str, list[dict[str, Any]]] = {}
 
     def results() -> dict[str, Any]:
@@ -363,9 +366,42 @@ def run_reward(a: argparse.Namespace) -> int:
             ev["seed"] = seed
             print(mode, seed, ev, flush=True)
             runs.setdefault(mode, []).append(ev)
+            if seed == a.first_seed:  # every frame of a few held-out clips, per arm: what the numbers mean
+                strips[mode] = student_videos(trainer.policy, [prompts[i] for i in strip_items],
+                                              [seeds[i] for i in strip_items])
+                save_strips(RESULTS / f"{a.name}_frames.png", strips, [prompts[i] for i in strip_items],
+                            f"{a.name}: seed {seed}, EMA weights, every pixel frame")
             _save(a.name, results())  # after every run: partial results survive an interruption
             (RESULTS / f"{a.name}.md").write_text(reward_table(results()))
     return 0
+
+
+def save_strips(path: Path, videos: dict[str, Tensor], prompts: list[str], title: str) -> None:
+    """One row of every pixel frame per (held-out clip, arm): ``videos[arm]`` is ``[N, 3, F, H, W]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(videos)
+    n, f = len(prompts), next(iter(videos.values())).shape[2]
+    fig, axes = plt.subplots(n * len(arms), f, figsize=(0.9 * f + 2.4, 0.95 * n * len(arms)), squeeze=False)
+    for i, prompt in enumerate(prompts):
+        for j, arm in enumerate(arms):
+            row = i * len(arms) + j
+            for k in range(f):
+                img = ((videos[arm][i, :, k].permute(1, 2, 0).float().numpy() + 1) / 2).clip(0, 1)
+                axes[row, k].imshow(img, interpolation="nearest")
+                axes[row, k].set_xticks([])
+                axes[row, k].set_yticks([])
+                if row == 0:
+                    axes[row, k].set_title(f"frame {k}", fontsize=7)
+            label = (prompt.replace(" moving", "\nmoving").replace(" on a", " on") + "\n" if j == 0 else "") + arm
+            axes[row, 0].set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def reward_table(res: dict[str, Any]) -> str:
