@@ -452,7 +452,7 @@ def plot_reward_ablation(names: list[str], out: Path) -> None:
     runs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
     metrics = [("motion", "mean abs frame difference"), ("motion_acc", "motion acc (named direction)"),
                ("dynamic_degree", "dynamic degree (travel >= 3 px)")]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(1.6 * len(runs) + 1.5, 3.0 * len(metrics)))
     for ax, (key, title) in zip(axes, metrics, strict=True):
         for i, res in enumerate(runs):
             for j, mode in enumerate(("last", "random")):
@@ -465,10 +465,12 @@ def plot_reward_ablation(names: list[str], out: Path) -> None:
                 ax.hlines(res["before"][key], i - 0.2, i + 0.58, colors="0.3", linestyles="--", lw=1,
                           label="before (stage 1)" if i == 0 else None)
         ax.set_xticks([i + 0.19 for i in range(len(runs))], [_reward_label(r) for r in runs], fontsize=7)
+        ax.set_xlim(-0.4, len(runs) - 0.2)  # the same groups in every panel, with or without bars
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.suptitle("Reward-Forcing stage 2 on tiny-wan: last vs random frame supervision (3 seeds, 92 held-out pairs)",
-                 fontsize=9)
+    seeds = sorted({r["seeds_done"] for r in runs})
+    fig.suptitle(f"Reward-Forcing stage 2 on tiny-wan, 80 steps: last vs random frame supervision "
+                 f"({'/'.join(map(str, seeds))} seeds, 92 held-out pairs, mean +- s.e.)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -476,10 +478,11 @@ def plot_reward_ablation(names: list[str], out: Path) -> None:
 
 def _reward_label(res: dict[str, Any]) -> str:
     name, args = res.get("reward", "alignment"), res.get("reward_args") or {}
+    lr = "" if res.get("lr") == 1e-4 else f"\nlr {res.get('lr'):g}"
     if name == "imagereward":
-        return "world ImageReward\n+ composition" if "composition" in str(args.get("model")) else "world ImageReward"
+        return ("world ImageReward\n+ composition" if "composition" in str(args.get("model")) else "world ImageReward") + lr
     weights = args.get("weights") or {}
-    return name.replace("+", " +\n") + "".join(f"\n({k} x{w})" for k, w in weights.items())
+    return name.replace("+", " +\n") + "".join(f"\n({k} x{w})" for k, w in weights.items()) + lr
 
 
 # ----------------------------------------------------------------------------------------------- streaming
