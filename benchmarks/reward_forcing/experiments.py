@@ -318,7 +318,9 @@ def run_reward(a: argparse.Namespace) -> int:
     prompts, seeds = [c.text for c, _ in items], [s for _, s in items]
     start_policy = load_policy(str(start))
     base = _reward_eval(start_policy, prompts, seeds, reward)
-    strip_items = list(range(0, len(prompts), max(1, len(prompts) // 4)))[:4]  # 4 held-out pairs, spread out
+    first_of = {p: i for i, p in reversed(list(enumerate(prompts)))}  # 4 different held-out captions, spread out
+    distinct = sorted(first_of.values())
+    strip_items = distinct[:: max(1, len(distinct) // 4)][:4]
     strips = {"before": student_videos(start_policy, [prompts[i] for i in strip_items], [seeds[i] for i in strip_items])}
     runs: dict[str, list[dict[str, Any]]] = {}
 
