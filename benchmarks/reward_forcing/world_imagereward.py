@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         raise TrlVideoError("--steps and --batch must be >= 1")
     torch.set_num_threads(1)
     out = (REPO / a.out) if not Path(a.out).is_absolute() else Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise TrlVideoError(f"--out {a.out} is a file; give a folder")
     kinds = (*KINDS, "composition") if a.composition else KINDS
     reward, med = build_reward(out, a.seed)
     modules = (reward.vision, reward.text, reward.head)

@@ -56,6 +56,10 @@ def test_trained_folder_loads_as_the_registered_reward(tmp_path):
     assert grad[-1] > 0 and grad[:-1].sum() == 0
 
 
-def test_bad_steps_is_a_one_line_error(tmp_path):
+def test_bad_input_is_a_one_line_error(tmp_path):
     with pytest.raises(TrlVideoError, match="--steps and --batch must be >= 1"):
         wir.main(["--out", str(tmp_path / "x"), "--steps", "0"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrlVideoError, match="--out .*file is a file; give a folder"):
+        wir.main(["--out", str(tmp_path / "file"), "--steps", "1"])
+    assert (tmp_path / "file").read_text() == "x"
