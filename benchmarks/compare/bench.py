@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -227,7 +228,7 @@ def run_setup(stem: str, spec: dict[str, Any], root: Path, threads: int, log: Pa
     with open(log, "w") as fh:
         for cmd in spec["commands"]:
             print(f"set-up of {stem}: {cmd}", flush=True)
-            proc = subprocess.run(cmd.split(), cwd=root, stdout=fh, stderr=subprocess.STDOUT,
+            proc = subprocess.run(shlex.split(cmd), cwd=root, stdout=fh, stderr=subprocess.STDOUT,
                                   env={**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"})
             if proc.returncode != 0:
                 print(f"set-up of {stem} failed (exit {proc.returncode}, see {log}); its rows will report the error",
