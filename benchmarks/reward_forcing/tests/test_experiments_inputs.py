@@ -10,7 +10,9 @@ from trl_video.errors import TrlVideoError
 
 @pytest.mark.parametrize("args, msg", [(["--reward-args", "{bad"], "--reward-args is not JSON"),
                                        (["--reward-args", "[1]"], "--reward-args must be a JSON object, got list"),
-                                       (["--reward", "nope"], "unknown reward 'nope'")])
+                                       (["--reward", "nope"], "unknown reward 'nope'"),
+                                       (["--reward", "imagereward", "--reward-args", '{"model": "/no/such/folder"}'],
+                                        "cannot fetch 'med_config.json' from '/no/such/folder'")])
 def test_reward_experiment_bad_input_is_a_one_line_error(args, msg):
     experiments = import_benchmark("reward_forcing", "experiments")
     with pytest.raises(TrlVideoError, match=msg) as err:
