@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -965,6 +966,10 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path: Path, capsys: pytest.Cap
     assert (run / f"checkpoint-{at}").is_dir() and not (run / "model").exists()
     # read now: with save_total_limit 1 the resumed run rotates this checkpoint away
     init = load_file(str(run / f"checkpoint-{at}" / "trainable.safetensors"))
+    # TensorBoard reads a run's event files in name order, and a name starts with its creation second; a real resume
+    # comes later, from another process. Here, within the same second and process, the name's last field (a
+    # per-process counter, compared as text: "10" < "9") would decide, so start the resumed writer a second later.
+    time.sleep(1.05)
     mod.KILL.update(at=None, calls=0)
     code, _, err = run_cli(capsys, train_argv(recipe, run, "--resume"))
     assert code == 0, err
