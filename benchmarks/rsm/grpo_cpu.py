@@ -23,6 +23,7 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -236,10 +237,7 @@ def summarise(runs: list[dict[str, Any]], methods: list[str]) -> str:
     lines = ["| method | seeds | held-out reward before -> after (mean over seeds) | gain: mean +- s.e. over seeds "
              "| gain per seed (+- its s.e. over the eval pairs) | sampler NFE | loss NFE | train seconds (mean, "
              "min-max) |", "|---|---|---|---|---|---|---|---|"]
-    for m in methods:
-        rs = [r for r in runs if r["method"] == m]
-        if not rs:
-            continue
+    for m, rs in runs_by_method(runs, methods):
         gain, sem = mean_sem([r["final"]["gain"] for r in rs])
         secs = [r["seconds"] for r in rs]
         per_seed = ", ".join(f"{r['final']['gain']:+.3f}+-{r['final']['gain_sem']:.3f}" for r in rs)
@@ -293,16 +291,21 @@ def summarise(runs: list[dict[str, Any]], methods: list[str]) -> str:
         lines += ["", "Where a training step's time goes (mean over seeds of each run's totals / steps):", "",
                   "| method | seconds per step | of which VAE decode of scored samples | of which reward model |",
                   "|---|---|---|---|"]
-        for m in methods:
-            rs = [r for r in timed if r["method"] == m]
-            if not rs:
-                continue
+        for m, rs in runs_by_method(timed, methods):
             steps = [max(len(r.get("train_reward", [])), 1) for r in rs]
             per = statistics.mean(r["seconds"] / k for r, k in zip(rs, steps))
             dec = statistics.mean(r["decode_seconds"] / k for r, k in zip(rs, steps))
             rm = statistics.mean((r["score_seconds"] - r["decode_seconds"]) / k for r, k in zip(rs, steps))
             lines.append(f"| `{m}` | {per:.2f} | {dec:.2f} | {rm:.2f} |")
     return "\n".join(lines)
+
+
+def runs_by_method(runs: list[dict[str, Any]], methods: list[str]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """``(method, its runs)`` in ``methods`` order, for the methods that have runs."""
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        if rs:
+            yield m, rs
 
 
 def seed_mean_reach(runs: list[dict[str, Any]], methods: list[str]) -> list[str]:
@@ -323,10 +326,7 @@ def seed_mean_reach(runs: list[dict[str, Any]], methods: list[str]) -> list[str]
              "eval point where each method's mean over seeds reaches it, and the mean compute spent by then:", "",
              "| method | step | mean reward there +- s.e. | sampler NFE (x tempflow-grpo's) | seconds (x tempflow-grpo's) |",
              "|---|---|---|---|---|"]
-    for m in methods:
-        rs = [r for r in runs if r["method"] == m]
-        if not rs:
-            continue
+    for m, rs in runs_by_method(runs, methods):
         hit = next((k for k in range(1, n_pts) if mean_at(rs, k, "heldout_reward") >= target), None)
         if hit is None:
             best = max(mean_at(rs, k, "heldout_reward") for k in range(n_pts))
@@ -347,10 +347,7 @@ def plot(runs: list[dict[str, Any]], methods: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for m in methods:
-        rs = [r for r in runs if r["method"] == m]
-        if not rs:
-            continue
+    for m, rs in runs_by_method(runs, methods):
         n = min(len(r["curve"]) for r in rs)
         rew = [mean_sem([r["curve"][k]["heldout_reward"] for r in rs]) for k in range(n)]
         mu, se = [v[0] for v in rew], [v[1] for v in rew]
