@@ -91,9 +91,14 @@ def pixel_to_latent_frame(j: int, temporal: int) -> int:
     return 0 if j == 0 else (j - 1) // temporal + 1
 
 
+def frame_diff_per_pair(videos: Tensor) -> Tensor:
+    """Mean |difference| of each consecutive pixel-frame pair over the batch, ``[F - 1]``."""
+    return (videos[:, :, 1:] - videos[:, :, :-1]).abs().mean(dim=(0, 1, 3, 4))
+
+
 def chunk_jump(videos: Tensor, chunk_size: int, temporal: int) -> dict[str, float]:
     """Mean |frame difference| between consecutive pixel frames that straddle a chunk boundary vs inside a chunk."""
-    d = (videos[:, :, 1:] - videos[:, :, :-1]).abs().mean(dim=(0, 1, 3, 4))  # per frame pair
+    d = frame_diff_per_pair(videos)
     chunk = [pixel_to_latent_frame(j, temporal) // chunk_size for j in range(videos.shape[2])]
     at = [float(d[j]) for j in range(len(d)) if chunk[j] != chunk[j + 1]]
     inside = [float(d[j]) for j in range(len(d)) if chunk[j] == chunk[j + 1]]
@@ -205,8 +210,7 @@ def run_ode(a: argparse.Namespace) -> int:
                                 "causal_before_init": chunk_jump(vids_init, a.chunk_size, temporal),
                                 "teacher_20step": chunk_jump(vids_teacher, a.chunk_size, temporal),
                                 "world_truth": chunk_jump(truth, a.chunk_size, temporal)},
-        "frame_diff_profile": {name: [round(float(x), 5) for x in
-                                      (v[:, :, 1:] - v[:, :, :-1]).abs().mean(dim=(0, 1, 3, 4))]
+        "frame_diff_profile": {name: [round(float(x), 5) for x in frame_diff_per_pair(v)]
                                for name, v in (("student_ode_init", vids_student), ("teacher_20step", vids_teacher),
                                                ("causal_before_init", vids_init), ("world_truth", truth))},
         "motion_mean_abs_frame_diff": {"student_ode_init": round(float(motion(vids_student).mean()), 5),
@@ -271,11 +275,12 @@ REWARD_KEYS = ("last_frame_reward", "frames_reward", "last_frame_alignment", "vi
 
 
 @torch.no_grad()
-def _reward_eval(policy: Any, prompts: list[str], seeds: list[int], reward: Any = None) -> dict[str, Any]:
+def _reward_eval(policy: Any, prompts: list[str], seeds: list[int], reward: Any = None
+                 ) -> tuple[dict[str, Any], Tensor]:
     """Held-out: the trained reward ``reward`` (default: the world's alignment) on the last frame and averaged over
     every frame scored alone (what random-frame supervision optimises in expectation), the whole-video alignment,
     the motion (mean |frame difference|, which also counts flicker) and the world classifiers' accuracies
-    (motion_acc: the centroid moves the named way, i.e. real motion)."""
+    (motion_acc: the centroid moves the named way, i.e. real motion); and the decoded videos it scored."""
     from trl_video.components.rewards import AlignmentReward
     from trl_video.world import Caption
 
@@ -294,8 +299,8 @@ def _reward_eval(policy: Any, prompts: list[str], seeds: list[int], reward: Any 
             "motion": float(motion(vids).mean()), "color_acc": sc["color_acc"], "motion_acc": sc["motion_acc"],
             "dynamic_degree": sc["dynamic_degree"], "travel_px": sc["mean_travel_px"],
             # where the frame-to-frame change is: per consecutive pixel-frame pair (the last chunk's frames last)
-            "frame_diff_profile": [round(float(x), 5) for x in (vids[:, :, 1:] - vids[:, :, :-1]).abs().mean(dim=(0, 1, 3, 4))],
-            "per_pair_last_frame_reward": [round(float(x), 5) for x in last]}
+            "frame_diff_profile": [round(float(x), 5) for x in frame_diff_per_pair(vids)],
+            "per_pair_last_frame_reward": [round(float(x), 5) for x in last]}, vids
 
 
 def run_reward(a: argparse.Namespace) -> int:
@@ -316,12 +321,10 @@ def run_reward(a: argparse.Namespace) -> int:
                             "(python benchmarks/reward_forcing/experiments.py ode)")
     items = _heldout_items(a.eval_seeds)
     prompts, seeds = [c.text for c, _ in items], [s for _, s in items]
-    start_policy = load_policy(str(start))
-    base = _reward_eval(start_policy, prompts, seeds, reward)
-    first_of = {p: i for i, p in reversed(list(enumerate(prompts)))}  # 4 different held-out captions, spread out
-    distinct = sorted(first_of.values())
-    strip_items = distinct[:: max(1, len(distinct) // 4)][:4]
-    strips = {"before": student_videos(start_policy, [prompts[i] for i in strip_items], [seeds[i] for i in strip_items])}
+    base, vids = _reward_eval(load_policy(str(start)), prompts, seeds, reward)
+    firsts = [prompts.index(p) for p in dict.fromkeys(prompts)]  # 4 different held-out captions, spread out
+    strip_items = firsts[:: max(1, len(firsts) // 4)][:4]
+    strips = {"before": vids[strip_items]}
     runs: dict[str, list[dict[str, Any]]] = {}
 
     def results() -> dict[str, Any]:
@@ -359,7 +362,7 @@ def run_reward(a: argparse.Namespace) -> int:
                 shutil.rmtree(out)
             trainer, secs = _train(recipe)
             _ema_weights(trainer)
-            ev = _reward_eval(trainer.policy, prompts, seeds, reward)
+            ev, vids = _reward_eval(trainer.policy, prompts, seeds, reward)
             # the held-out pairs are the same before and after: the gain's s.e. over pairs (paired)
             ev["last_frame_gain_over_pairs"] = _mean_se([x - y for x, y in zip(
                 ev.pop("per_pair_last_frame_reward"), base["per_pair_last_frame_reward"], strict=True)])
@@ -369,8 +372,7 @@ def run_reward(a: argparse.Namespace) -> int:
             print(mode, seed, ev, flush=True)
             runs.setdefault(mode, []).append(ev)
             if seed == a.first_seed:  # every frame of a few held-out clips, per arm: what the numbers mean
-                strips[mode] = student_videos(trainer.policy, [prompts[i] for i in strip_items],
-                                              [seeds[i] for i in strip_items])
+                strips[mode] = vids[strip_items]
                 save_strips(RESULTS / f"{a.name}_frames.png", strips, [prompts[i] for i in strip_items],
                             f"{a.name}: seed {seed}, EMA weights, every pixel frame")
             _save(a.name, results())  # after every run: partial results survive an interruption

@@ -201,16 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     from vidrl_plugin_rewards.blip import save_imagereward
 
     save_imagereward(out, *modules, med)
+    in_repo = out.is_relative_to(REPO)  # an experiment in the repository, not a test's temporary folder
+    shown = out.relative_to(REPO) if in_repo else out
     info = {"command": "python benchmarks/reward_forcing/world_imagereward.py " + shlex.join(sys.argv[1:] if argv is None
                                                                                        else argv),
             "kinds": list(kinds), "steps": a.steps, "batch_pairs": a.batch, "lr": a.lr, "seed": a.seed,
             "vision": VISION, "med_config": med, "train_seconds": round(time.perf_counter() - t0, 1),
             "heldout_pairs": a.heldout_pairs, "heldout_acc": curve[-1]["heldout_acc"], "curve": curve,
-            "reward_args": {"model": str(out.relative_to(REPO)) if out.is_relative_to(REPO) else str(out),
-                            "tokenizer": str((out / "bert").relative_to(REPO)) if out.is_relative_to(REPO)
-                            else str(out / "bert"), "vision": VISION}}
+            "reward_args": {"model": str(shown), "tokenizer": str(shown / "bert"), "vision": VISION}}
     (out / "world_imagereward.json").write_text(json.dumps(info, indent=2))
-    if out.is_relative_to(REPO):  # an experiment in the repository (not a test's temporary folder): keep its record
+    if in_repo:  # keep the experiment's record next to the other results
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"{out.name}.json").write_text(json.dumps(info, indent=2))
     print("reward_args:", json.dumps(info["reward_args"]))
